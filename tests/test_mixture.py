@@ -1,0 +1,162 @@
+"""Statistical and edge-case tests of the mixers that are too long for the notebook's inline tests (CPU, seconds)."""
+import itertools
+import math
+
+import pytest
+import torch
+
+from motg.mixture import (Dirichlet, DifferentTokens, Fuzzy, Hard, MIXERS, Mixture, MixtureLM, Soft, embed,
+                          make_mixer, sample_dirichlet, set_log_prob)
+from motg.testing import tiny_lm
+
+E3 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])
+
+
+def test_different_tokens_k3_frequencies_match_exact_log_prob():
+    "Every (set, representative) outcome of k = 3 draws from 5 tokens: frequencies match exp(log_prob), which sums to 1."
+    probs = torch.tensor([0.35, 0.25, 0.2, 0.15, 0.05])
+    mixer = DifferentTokens(k=3, temperature=1.0)
+    outcomes = [(s, r) for s in itertools.combinations(range(5), 3) for r in s]
+    batch = Mixture(torch.tensor([s for s, _ in outcomes]), torch.zeros(len(outcomes), 3), None,
+                    torch.tensor([r for _, r in outcomes]))
+    expected = mixer.log_prob(probs.log().expand(len(outcomes), 5), batch, None).exp()
+    assert abs(expected.sum().item() - 1) < 1e-5
+    n = 60000
+    draws = mixer.sample(probs.log().expand(n, 5), None, generator=torch.Generator().manual_seed(0))
+    assert (draws.ids.sort(-1).values.diff(dim=-1) > 0).all()  # without replacement
+    code = {o: i for i, o in enumerate(outcomes)}
+    keys = torch.tensor([code[(tuple(sorted(s)), r)] for s, r in zip(draws.ids.tolist(), draws.token.tolist())])
+    observed = torch.bincount(keys, minlength=len(outcomes)) / n
+    assert torch.allclose(observed, expected, atol=0.006), (observed - expected).abs().max()
+
+
+def test_gumbel_top_k_matches_torch_multinomial_without_replacement():
+    "The sampler's ordered draws follow the same law as torch.multinomial(replacement=False)."
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    n = 40000
+    ours = DifferentTokens(k=2, temperature=1.0).sample(probs.log().expand(n, 4), None,
+                                                         generator=torch.Generator().manual_seed(1)).ids
+    theirs = torch.multinomial(probs.expand(n, 4), 2, generator=torch.Generator().manual_seed(2))
+    count = lambda ids: torch.bincount(ids[:, 0] * 4 + ids[:, 1], minlength=16) / n  # ordered pairs
+    assert torch.allclose(count(ours), count(theirs), atol=0.01)
+
+
+def test_set_log_prob_gradcheck_and_full_vocabulary():
+    logits = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[0, 3, 5], [4, 1, 2]])
+    assert torch.autograd.gradcheck(lambda z: set_log_prob(z, ids), (logits,))
+    # k = V: the set is certain, and the gradient stays finite (the mass outside S is empty)
+    logits = torch.randn(3, 4, requires_grad=True)
+    full = set_log_prob(logits, torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [1, 0, 3, 2]]))
+    full.sum().backward()
+    assert torch.allclose(full, torch.zeros(3), atol=1e-5) and torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("name", ["dirichlet", "different_tokens", "soft"])
+def test_log_prob_gradcheck(name):
+    mixer = make_mixer(name)
+    logits = torch.randn(3, 3, dtype=torch.float64)
+    E = E3.double().requires_grad_()
+    action = mixer.sample(logits, E.detach(), generator=torch.Generator().manual_seed(0))
+    assert torch.autograd.gradcheck(lambda z, e: mixer.log_prob(z, action, e), (logits.requires_grad_(), E))
+
+
+def test_dirichlet_weights_have_the_dirichlet_law():
+    "Quantiles of the generator-driven sampler match torch.distributions.Beta, also with a tiny concentration."
+    qs = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
+    for a, b in [(0.625, 0.375), (1.8, 0.2), (0.02, 0.98)]:
+        ours = sample_dirichlet(torch.tensor([a, b]).expand(50000, 2), torch.Generator().manual_seed(0))[:, 0]
+        torch.manual_seed(0)
+        ref = torch.distributions.Beta(torch.tensor(a), torch.tensor(b)).sample((50000,)).clamp_min(1e-38)
+        if a < 0.1:  # most mass near 0: compare log-quantiles (float32 Beta underflows; ours is floored)
+            ours, ref = ours.log(), ref.log()
+            assert torch.allclose(ours.quantile(qs[2:]), ref.quantile(qs[2:]), rtol=0.1), (a, b)
+        else:
+            assert torch.allclose(ours.quantile(qs), ref.quantile(qs), atol=0.01), (a, b)
+
+
+def test_extreme_logits_stay_finite():
+    "float32 underflow of p: distinct ids from tokens of underflowed probability, finite log-probs and gradients."
+    logits = torch.tensor([[0.0, -150.0, -300.0, -400.0]]).expand(8, 4)  # p = (1, 0, 0, 0) in float32 at τ = 0.9
+    for mixer in [DifferentTokens(k=3), Dirichlet(k=3), DifferentTokens(k=2, objective="motg_paper")]:
+        action = mixer.sample(logits, None, generator=torch.Generator().manual_seed(0))
+        leaf = logits.clone().requires_grad_()
+        logp = mixer.log_prob(leaf, action, None)
+        logp.sum().backward()
+        assert torch.isfinite(logp).all() and torch.isfinite(leaf.grad).all(), mixer
+        assert (action.ids.sort(-1).values.diff(dim=-1) > 0).all(), mixer
+    assert (DifferentTokens(k=3).sample(logits, None).ids[:, 0] == 0).all()  # the certain token is drawn first
+
+
+def test_foreign_positions_can_be_masked_without_nan():
+    "Answer-phase positions stored as k copies of the token (weights 1, 0) give finite values and gradients."
+    logits = torch.randn(4, 6, requires_grad=True)
+    token = torch.tensor([1, 2, 3, 4])
+    copies = Mixture(token[:, None].repeat(1, 2), torch.tensor([[1.0, 0.0]]).repeat(4, 1), None, token)
+    for mixer in [Dirichlet(), DifferentTokens(), DifferentTokens(objective="motg_paper"), Dirichlet(objective="motg_paper")]:
+        logp = mixer.log_prob(logits, copies, None)
+        masked = torch.where(torch.tensor([True, False, True, False]), logp, torch.zeros(4))
+        logits.grad = None
+        masked.sum().backward()
+        assert torch.isfinite(logp).all() and torch.isfinite(logits.grad).all(), mixer
+
+
+def test_low_precision_logits_and_embeddings():
+    "bfloat16 logits and E: the log-probabilities are computed in float32."
+    logits = torch.randn(2, 5, 3).bfloat16()
+    for name in MIXERS:
+        mixer = make_mixer(name, **({"top_k": 2} if name == "mixture_of_inputs" else {"k": 2} if name in
+                                    ("dirichlet", "different_tokens", "soft_thinking") else {}))
+        action = mixer.sample(logits, E3.bfloat16(), generator=torch.Generator().manual_seed(0))
+        assert embed(action, E3.bfloat16()).dtype == torch.bfloat16
+        if mixer.trainable:
+            logp = mixer.log_prob(logits, action, E3.bfloat16())
+            assert logp.dtype == torch.float32 and torch.isfinite(logp).all(), name
+
+
+def test_fuzzy_and_soft_sigma_is_fixed_by_the_first_embedding_matrix():
+    mixer = Fuzzy()
+    logits = torch.tensor([[3.0, 1.0, 0.0]])
+    action = mixer.sample(logits, E3, generator=torch.Generator().manual_seed(0))
+    sigma = mixer.sigma
+    assert abs(sigma - 0.33 * math.sqrt(10 / 6)) < 1e-7
+    mixer.log_prob(logits, action, E3 * 10)  # a trained E later: σ does not move
+    assert mixer.sigma == sigma and Soft(sigma=0.2, sigma_scale=5).noise_std(E3) == 0.2
+    assert Soft(sigma_scale=0.1).noise_std(E3) == pytest.approx(0.1 * math.sqrt(10 / 6))
+    assert torch.allclose(action.vector - E3[0], action.vector - mixer.greedy(logits, E3).vector)  # μ = E[argmax]
+
+
+@pytest.mark.parametrize("name", ["hard", "dirichlet", "different_tokens", "soft", "fuzzy"])
+def test_teacher_forced_log_prob_equals_rollout_log_prob(name):
+    "Sample step by step from the tiny model, then one teacher-forced forward over [batch, steps] gives the same log-probs."
+    torch.manual_seed(0)
+    model, tokenizer = tiny_lm()
+    lm = MixtureLM(model).eval()
+    E = lm.embedding_matrix()
+    mixer = make_mixer(name)
+    prompt = torch.tensor([tokenizer("12+3=")["input_ids"]] * 3)
+    sequence = Mixture.from_tokens(prompt, vector_dim=E.shape[1] if mixer.uses_vector else None)
+    generator, step_logps = torch.Generator().manual_seed(0), []
+    with torch.no_grad():
+        for _ in range(5):
+            logits = lm(sequence).logits[:, -1]
+            action = mixer.sample(logits, E, generator=generator)
+            step_logps.append(mixer.log_prob(logits, action, E))
+            if mixer.k > 1:  # widen the prompt's k = 1 tokens (weight 0 on the copies)
+                if sequence.k == 1:
+                    pad = lambda m: Mixture(m.ids.repeat_interleave(mixer.k, -1),
+                                            torch.cat([m.weights, torch.zeros(*m.weights.shape[:-1], mixer.k - 1)], -1),
+                                            m.vector, m.token)
+                    sequence = pad(sequence)
+            if action.vector is None and sequence.vector is not None:
+                action = Mixture(action.ids, action.weights, torch.zeros_like(sequence.vector[:, 0]), action.token)
+            sequence = Mixture(*(None if a is None else torch.cat([a, b.unsqueeze(1)], 1)
+                                 for a, b in zip((sequence.ids, sequence.weights, sequence.vector, sequence.token),
+                                                 (action.ids, action.weights, action.vector, action.token))))
+    steps = 5
+    logits = lm(sequence.map(lambda t: t[:, :-1])).logits[:, -steps:]  # the logits that produced each action
+    actions = sequence.map(lambda t: t[:, -steps:])
+    teacher_forced = mixer.log_prob(logits, actions, E)
+    teacher_forced.sum().backward()
+    assert torch.allclose(teacher_forced, torch.stack(step_logps, 1), atol=1e-4)
+    assert E.grad is not None and E.grad.abs().sum() > 0  # through the model (and μ for soft/fuzzy)
