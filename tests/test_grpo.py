@@ -1,0 +1,279 @@
+"""Integration tests of motg.grpo: parity with TRL's GRPO loss, training, resume after SIGKILL, two processes,
+and the run-folder and error rules. CPU, the tiny-test model, seconds each."""
+import copy
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from motg.grpo import TIMING_METRICS, TrainConfig, grpo_loss, train
+from motg.mixture import Mixture, make_mixer
+from motg.rollout import Rollout, sequence_logps, tokenize_prompts
+from motg.testing import tiny_lm
+
+ROOT = Path(__file__).resolve().parent.parent
+TASK = "chain_sum"
+
+
+def text_reward(completion: str, row: dict) -> float:
+    """A stand-in reward for a random model, which never answers a task correctly (so the task's reward is 0 for
+    every completion and there is nothing to learn): a deterministic function of the text that differs between
+    completions, for every mixer (a Dirichlet rollout of a random model mixes the same two tokens throughout)."""
+    return (sum(map(ord, completion)) % 10) / 10
+
+
+# --- Hard-token parity with TRL 1.16.0 -------------------------------------------------------------------------
+
+def trl_trainer(model_dir: str, tokenizer, **grpo_config):
+    "A TRL GRPOTrainer on a saved tiny model (TRL builds its reference model from the path, so it must be on disk)."
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+    args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4, num_generations=2, use_cpu=True,
+                      report_to=[], save_strategy="no", bf16=False, **grpo_config)
+    dataset = Dataset.from_dict({"prompt": ["1+1=", "2+2="]})
+    return GRPOTrainer(model=model_dir, reward_funcs=lambda completions, **_: [0.0] * len(completions), args=args,
+                       train_dataset=dataset, processing_class=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def parity_batch(tmp_path_factory):
+    "A fixed batch: 4 prompts of different lengths (left-padded), completions of lengths 7, 4 (EOS), 1 and 6."
+    model, tokenizer = tiny_lm(seed=0)
+    reference, _ = tiny_lm(seed=1)  # a different reference model, so the KL term is not zero
+    model_dir = tmp_path_factory.mktemp("trl_model")
+    model.save_pretrained(model_dir)
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, ["12+3=<think>", "7*8<think>", "a<think>", "99-1=<think>"])
+    generator = torch.Generator().manual_seed(0)
+    T = 7
+    completion_ids = torch.randint(10, len(tokenizer), (4, T), generator=generator)
+    completion_mask = torch.arange(T) < torch.tensor([[7], [4], [1], [6]])
+    completion_ids[1, 3] = tokenizer.eos_token_id
+    completion_ids[~completion_mask] = tokenizer.pad_token_id
+    noise = 0.5 * torch.randn(4, T, generator=generator)  # makes the batch off-policy, so clipping fires
+    return dict(model=model, reference=reference, tokenizer=tokenizer, model_dir=str(model_dir), T=T,
+                prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                completion_mask=completion_mask, advantages=torch.tensor([1.0, -0.5, 0.3, -1.2]), noise=noise)
+
+
+@pytest.mark.parametrize("loss_type,bias_correction,off_policy", [
+    ("grpo", False, True), ("grpo", True, False), ("bnpo", True, True), ("dr_grpo", False, True),
+    ("dapo", True, True), ("dapo", False, False)])
+def test_hard_token_loss_and_gradients_match_trl(parity_batch, loss_type, bias_correction, off_policy):
+    b = parity_batch
+    T, temperature, beta, epsilon, epsilon_high = b["T"], 0.9, 0.1, 0.2, 0.28
+    # TRL: its own trainer, reference model and loss code on the batch
+    trainer = trl_trainer(b["model_dir"], b["tokenizer"], beta=beta, loss_type=loss_type, temperature=temperature,
+                          epsilon=epsilon, epsilon_high=epsilon_high, max_completion_length=T,
+                          use_bias_correction_kl=bias_correction)
+    trainer.ref_model.load_state_dict(b["reference"].state_dict())
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop; one micro-batch here
+    ids = torch.cat([b["prompt_ids"], b["completion_ids"]], 1)
+    attention = torch.cat([b["prompt_mask"], b["completion_mask"]], 1).long()
+    with torch.no_grad():
+        trl_ref, _, _ = trainer._get_per_token_logps_and_entropies(trainer.ref_model, ids, attention, T)
+        trl_current, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attention, T)
+    inputs = dict(prompt_ids=b["prompt_ids"], prompt_mask=b["prompt_mask"].long(), completion_ids=b["completion_ids"],
+                  completion_mask=b["completion_mask"].long(), advantages=b["advantages"],
+                  num_items_in_batch=b["completion_mask"].sum(), ref_per_token_logps=trl_ref)
+    old = trl_current + b["noise"] if off_policy else None
+    if old is not None:
+        inputs["old_per_token_logps"] = old
+    trl_loss = trainer._compute_loss(trainer.model, inputs)
+    trl_loss.backward()
+    trl_grads = {name: p.grad for name, p in trainer.model.named_parameters()}
+    trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    # motg: the same actions as a rollout (the first 3 steps thinking in the hard mixer, the rest answer tokens,
+    # both at TRL's temperature), teacher-forced log-probs through the mixer, and grpo_loss
+    model = copy.deepcopy(b["model"])
+    mixer = make_mixer("hard", temperature=temperature)
+    mask = b["completion_mask"]
+    rollout = Rollout(b["prompt_ids"], b["prompt_mask"], Mixture.from_tokens(b["completion_ids"]), mask, mask,
+                      mask & (torch.arange(T) < 3), torch.zeros(4, T), [""] * 4, mixer, temperature)
+    logps = sequence_logps(model, rollout, mixer)
+    with torch.no_grad():
+        ref = sequence_logps(b["reference"], rollout, mixer)
+    assert torch.allclose(ref * mask, trl_ref * mask, atol=1e-5)
+    loss, metrics = grpo_loss(logps, old, ref, b["advantages"], mask, beta, epsilon, epsilon_high, loss_type,
+                              max_completion_length=T, num_items_in_batch=mask.sum(),
+                              use_bias_correction_kl=bias_correction)
+    loss.backward()
+
+    assert abs(loss.item() - trl_loss.item()) < 1e-5, (loss.item(), trl_loss.item())
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, trl_grads[name], atol=1e-5, rtol=0), name
+    assert max(p.grad.abs().max() for p in model.parameters()) > 1e-3  # a real gradient, not zeros on both sides
+    assert abs(metrics["kl"].item() - trl_metrics["kl"]) < 1e-6
+    assert abs(metrics["clip_ratio"].item() - trl_metrics["clip_ratio/region_mean"]) < 1e-6
+    assert (metrics["clip_ratio"] > 0) == off_policy  # clipping fires exactly when the batch is off-policy
+
+
+# --- The trainer ---------------------------------------------------------------------------------------------------
+
+def tiny_config(**overrides) -> TrainConfig:
+    "A run of a few seconds: the tiny-test model, 2 prompts × 4 completions of at most 16 tokens."
+    base = dict(task=TASK, model="tiny-test", mixer="hard", steps=3, prompts_per_step=2, num_generations=4,
+                max_completion_length=16, train_size=16, eval_size=4, eval_steps=0, save_steps=1,
+                learning_rate=1e-2, progress=False)
+    return TrainConfig(**{**base, **overrides})
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    "metrics.jsonl without the timing fields (which differ between any two runs)."
+    lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k not in TIMING_METRICS} for line in lines]
+
+
+def final_state(run_dir: Path) -> dict:
+    return torch.load(sorted((Path(run_dir) / "checkpoints").glob("step-*"))[-1] / "state.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("mixer", ["hard", "dirichlet"])
+def test_training_loss_is_finite_and_parameters_change(tmp_path, mixer):
+    from motg.base import load_model
+    config = tiny_config(mixer=mixer, beta=0.05, num_iterations=2, gradient_accumulation_steps=2)
+    summary = train(config, tmp_path / "run", reward_fn=text_reward)
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in metrics[1:])
+    assert any(m["grad_norm"] > 0 for m in metrics[1:])  # some group had different rewards
+    initial, _ = load_model("tiny-test")
+    trained = final_state(tmp_path / "run")["model"]
+    changed = [name for name, p in initial.state_dict().items() if not torch.equal(p, trained[name])]
+    assert changed, "no parameter changed"
+    assert "eval_greedy_accuracy" in summary["final"] and (tmp_path / "run" / "model").exists()
+
+
+@pytest.mark.parametrize("overrides,word", [
+    (dict(mixer="nope"), "mixer"), (dict(mixer="soft_thinking"), "mixer"), (dict(steps=0), "steps"),
+    (dict(num_generations=1), "num_generations"), (dict(beta=-0.1), "beta"), (dict(epsilon=-0.2), "epsilon"),
+    (dict(learning_rate=0.0), "learning_rate"), (dict(loss_type="ppo"), "loss_type"),
+    (dict(scale_rewards="always"), "scale_rewards"), (dict(advantage="ppo"), "advantage")])
+def test_bad_config_raises_before_any_folder_is_created(tmp_path, overrides, word):
+    with pytest.raises(ValueError, match=f"^{word}"):
+        tiny_config(**overrides)
+    config = tiny_config()
+    for name, value in overrides.items():  # a field assigned after construction is caught by train itself
+        setattr(config, name, value)
+    with pytest.raises(ValueError, match=f"^{word}"):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_batch_that_does_not_split_over_processes_raises_before_any_folder(tmp_path):
+    config = tiny_config(prompts_per_step=1, num_generations=3)
+    config.gradient_accumulation_steps = 2  # 3 sequences cannot make 2 micro-batches
+    with pytest.raises(ValueError, match="^gradient_accumulation_steps"):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_folder_is_never_overwritten(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="^out_dir"):
+        train(tiny_config(), run)
+    assert (run / "notes.txt").read_text() == "keep me" and sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+    train(tiny_config(steps=1), run, overwrite=True)  # only when asked
+    assert not (run / "notes.txt").exists() and (run / "metrics.jsonl").exists()
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    calls = []
+    per_step = 2 * 4  # prompts_per_step × num_generations rewards per step
+
+    def reward_broken_at_step_3(completion, row):
+        calls.append(1)  # a reward that goes NaN from the third step on (a bug in a user's reward, say)
+        return math.nan if len(calls) > 2 * per_step else text_reward(completion, row)
+
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match=r"^step 3: non-finite loss.*step-000002"):
+        train(tiny_config(steps=5), run, reward_fn=reward_broken_at_step_3)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000002"]  # the last good one, intact
+    assert final_state(run)["step"] == 2 and [m["step"] for m in read_metrics(run)] == [0, 1, 2]
+
+
+# --- Resume after SIGKILL, and two processes: subprocesses -----------------------------------------------------
+
+RUN_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    torch.set_num_threads(1)  # the same arithmetic in every run (thread count changes reduction order)
+    from motg.grpo import TrainConfig, train
+
+    def text_reward(completion, row):  # a stand-in reward with a signal for a random model, as in test_grpo.py
+        return (sum(map(ord, completion)) % 10) / 10
+
+    train(TrainConfig(**json.loads(sys.argv[1])), sys.argv[2], resume=sys.argv[3] == "resume", reward_fn=text_reward)
+""")
+
+
+def run_script(tmp_path: Path, config: TrainConfig, run_dir: Path, mode: str = "fresh", launcher=(), wait=True):
+    script = tmp_path / "run_train.py"
+    script.write_text(RUN_SCRIPT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONHASHSEED": "0"}
+    command = [*launcher, str(script), json.dumps(config.to_dict()), str(run_dir), mode]
+    if not launcher:
+        command = [sys.executable, *command]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if wait:
+        output, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, output[-3000:]
+    return process
+
+
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
+    config = tiny_config(steps=6, beta=0.05, eval_steps=3)
+    run_script(tmp_path, config, tmp_path / "straight")
+
+    process = run_script(tmp_path, config, tmp_path / "killed", wait=False)
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 240
+    while not (checkpoints / "step-000002").exists():  # kill once a checkpoint exists, mid-training
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        assert time.time() < deadline, "no checkpoint in time"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (checkpoints / "step-000006").exists()  # it really died before the end
+    run_script(tmp_path, config, tmp_path / "killed", mode="resume")
+
+    straight, resumed = final_state(tmp_path / "straight"), final_state(tmp_path / "killed")
+    assert straight["step"] == resumed["step"] == 6
+    for name, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][name]), name  # bitwise
+    assert read_metrics(tmp_path / "straight") == read_metrics(tmp_path / "killed")
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    # The same global batch: 2 prompts × 4 completions, split into 2 micro-batches of 4, either on 2 processes
+    # (gloo, one micro-batch each) or on one process accumulating both.
+    single = tiny_config(steps=3, beta=0.05, gradient_accumulation_steps=2)
+    double = tiny_config(steps=3, beta=0.05, gradient_accumulation_steps=1)
+    run_script(tmp_path, single, tmp_path / "single")
+    # `accelerate launch --cpu` starts a single process unless MPI is installed; `--multi_gpu` starts 2 processes
+    # through torchrun, and the trainer's Accelerator(cpu=True) then joins them over gloo (MULTI_CPU).
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    run_script(tmp_path, double, tmp_path / "double", launcher=launcher)
+
+    one, two = final_state(tmp_path / "single"), final_state(tmp_path / "double")
+    assert two["num_processes"] == 2
+    for name, value in one["model"].items():
+        assert torch.allclose(value, two["model"][name], atol=1e-5, rtol=1e-4), name
+    for a, b in zip(read_metrics(tmp_path / "single"), read_metrics(tmp_path / "double")):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
