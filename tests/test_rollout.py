@@ -1,0 +1,273 @@
+"""Integration tests of motg.rollout: every registered mixer, both end-of-thinking rules, forced tags, DDP.
+
+The notebook nbs/04_rollout.ipynb holds the worked examples; these tests sweep the combinations.
+"""
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from motg.mixture import MIXERS, Mixture, MixtureLM, make_mixer
+from motg.rollout import (Rollout, cat_mixtures, generate, pad_mixture, sequence_logps, token_mixture,
+                          tokenize_prompts)
+from motg.testing import tiny_lm
+
+PROMPTS = ["12+3=<think>", "7*8?<think>", "a<think>", "hello world<think>"]
+
+
+def sharp_lm(scale: float = 4.0, seed: int = 0):
+    "The tiny model with its weight matrices redrawn at std scale/sqrt(fan_in): its greedy output depends on context."
+    model, tokenizer = tiny_lm()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * scale / p.shape[1] ** 0.5)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return sharp_lm()
+
+
+def check_masks(r: Rollout, eos_id: int):
+    "think ⊂ completion ⊂ sequence; nothing after the first EOS; logps 0 off the actions; pad off the sequence."
+    assert not (r.think_mask & ~r.completion_mask).any() and not (r.completion_mask & ~r.sequence_mask).any()
+    eos = (r.mixtures.token == eos_id) & r.sequence_mask
+    after_eos = eos.long().cumsum(1) - eos.long() > 0
+    assert not (r.sequence_mask & after_eos).any()
+    # the sequence is a prefix of the steps: once out, never back in
+    assert (r.sequence_mask[:, 1:] <= r.sequence_mask[:, :-1]).all()
+    assert (r.logps[~r.completion_mask] == 0).all()
+    assert (r.mixtures.token[~r.sequence_mask] == 0).all()  # the pad id
+    shape = r.sequence_mask.shape
+    assert r.logps.shape == r.completion_mask.shape == r.think_mask.shape == r.mixtures.shape == shape
+    assert len(r.text) == shape[0]
+
+
+def test_greedy_hard_is_transformers_greedy(lm):
+    model, tokenizer = lm
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS)
+    reference = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=40)
+    for think_end in ["token", "argmax"]:
+        r = generate(model, tokenizer, PROMPTS, make_mixer("hard"), 40, greedy=True, answer="greedy",
+                     think_end=think_end)
+        assert torch.equal(r.mixtures.token, reference[:, ids.shape[1]:]), think_end
+        check_masks(r, tokenizer.eos_token_id)
+    # the argmax rule writes a one-token </think> as a forced token; the token rule takes it as an action
+    close = tokenizer.convert_tokens_to_ids("</think>")
+    at = (r.mixtures.token == close) & r.sequence_mask
+    assert at.any(), "the sharpened model should write </think> somewhere"
+    assert not r.completion_mask[at].any()
+
+
+def test_hard_sampling_is_transformers_sampling(lm):
+    "Same global seed, same draws: the hard mixer at temperature 1 samples exactly as transformers does."
+    model, tokenizer = lm
+    ids, mask = tokenize_prompts(tokenizer, PROMPTS)
+    torch.manual_seed(5)
+    reference = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=30, top_k=None,
+                               top_p=None, temperature=None)
+    torch.manual_seed(5)
+    # a tag that never occurs, so no sequence reaches the answer phase (which would draw extra random numbers)
+    r = generate(model, tokenizer, PROMPTS, make_mixer("hard"), 30, think_end_text="~~~~~")
+    assert torch.equal(r.mixtures.token, reference[:, ids.shape[1]:])
+    assert torch.equal(r.think_mask, r.completion_mask)
+
+
+def test_same_seed_same_rollout_for_every_mixer(lm):
+    model, tokenizer = lm
+    for name in MIXERS:
+        runs = [generate(model, tokenizer, PROMPTS, make_mixer(name), 20, torch.Generator().manual_seed(seed),
+                         max_think_tokens=8) for seed in (1, 1, 2)]
+        for field in ["ids", "weights", "token"]:
+            assert torch.equal(getattr(runs[0].mixtures, field), getattr(runs[1].mixtures, field)), name
+        assert runs[0].text == runs[1].text and torch.equal(runs[0].logps.nan_to_num(), runs[1].logps.nan_to_num())
+        assert runs[0].text != runs[2].text, name
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+@pytest.mark.parametrize("think_end", ["token", "argmax"])
+@pytest.mark.parametrize("greedy", [False, True])
+def test_sequence_logps_equal_sampling_logps(lm, name, think_end, greedy):
+    model, tokenizer = lm
+    mixer = make_mixer(name)
+    r = generate(model, tokenizer, PROMPTS, mixer, 24, torch.Generator().manual_seed(0), answer_temperature=0.8,
+                 greedy=greedy, think_end=think_end, max_think_tokens=10)
+    check_masks(r, tokenizer.eos_token_id)
+    assert r.mixtures.k == max(mixer.k, 1) and (r.mixtures.vector is not None) == mixer.uses_vector
+    assert r.think_mask.any() and (r.completion_mask & ~r.think_mask).any()  # both phases are exercised
+    if not mixer.trainable:
+        assert r.logps[r.think_mask].isnan().all()
+        with pytest.raises(ValueError, match="mixer:"):
+            sequence_logps(model, r)
+        return
+    logps = sequence_logps(model, r, chunk_size=7)
+    assert torch.allclose(logps, r.logps, atol=1e-4, rtol=0), (logps - r.logps).abs().max()
+    logps.sum().backward()
+    E = model.get_input_embeddings().weight
+    assert E.grad is not None and E.grad.abs().sum() > 0
+    assert model.model.layers[-1].mlp.down_proj.weight.grad.abs().sum() > 0
+    model.zero_grad()
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+def test_stored_mixtures_reproduce_the_rollout(lm, name):
+    "A teacher-forced pass over the stored mixtures gives every step's hidden state again (all mixers, trainable or not)."
+    model, tokenizer = lm
+    r = generate(model, tokenizer, PROMPTS, make_mixer(name), 20, torch.Generator().manual_seed(4),
+                 max_think_tokens=6, keep_hidden=True)
+    sequence = cat_mixtures([token_mixture(r.prompt_ids), r.mixtures], dim=1)
+    attention = torch.cat([r.prompt_mask, r.sequence_mask], 1).long()
+    with torch.no_grad():
+        out = MixtureLM(model)(sequence, attention_mask=attention, output_hidden_states=True,
+                               position_ids=(attention.cumsum(-1) - 1).clamp(min=0))
+    prompt_len, steps = r.prompt_ids.shape[1], r.mixtures.shape[1]
+    hidden = out.hidden_states[-1][:, prompt_len - 1:prompt_len - 1 + steps]
+    keep = r.sequence_mask
+    assert torch.allclose(hidden[keep], r.hidden[keep], atol=1e-4)
+    logits = out.logits[:, prompt_len - 1:prompt_len - 1 + steps]
+    entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+    assert torch.allclose(entropy[keep], r.entropy[keep], atol=1e-4)
+
+
+def first_bigram(tokens: list[int], start: int, banned: set[int]) -> int:
+    "The first i >= start where (tokens[i], tokens[i+1]) is new, has no banned id, and tokens[i] != tokens[1]."
+    for i in range(start, len(tokens) - 1):
+        pair = tokens[i:i + 2]
+        seen = any(tokens[j:j + 2] == pair for j in range(i))
+        if not seen and not set(pair) & banned and pair[0] != tokens[1]:  # tokens[1]: see the budget-2 case
+            return i
+    raise AssertionError("no usable bigram")
+
+
+def test_multi_token_tag(lm):
+    model, tokenizer = lm
+    prompt = ["12+3=<think>"]
+    plain = generate(model, tokenizer, prompt, make_mixer("hard"), 30, greedy=True, answer="greedy")
+    tokens = plain.mixtures.token[0].tolist()
+    banned = {tokenizer.pad_token_id, tokenizer.eos_token_id} | set(range(6))  # specials and format tags
+    i = first_bigram(tokens, 3, banned)
+    tag = tokenizer.decode(tokens[i:i + 2])
+    assert tokenizer(tag, add_special_tokens=False)["input_ids"] == tokens[i:i + 2]  # two tokens
+    # token rule: steps 0..i+1 are thinking actions (the tag's tokens included), then the answer
+    r = generate(model, tokenizer, prompt, make_mixer("hard"), 30, greedy=True, answer="greedy", think_end_text=tag)
+    assert r.mixtures.token[0].tolist() == tokens
+    assert r.think_mask[0].nonzero().flatten().tolist() == list(range(i + 2))
+    assert r.completion_mask[0].all()
+    # argmax rule: the shadow completes the tag at step i+1, whose token is forced (the text already ends with
+    # the tag's first token), then the answer
+    r = generate(model, tokenizer, prompt, make_mixer("hard"), 30, greedy=True, answer="greedy", think_end_text=tag,
+                 think_end="argmax")
+    assert r.mixtures.token[0].tolist() == tokens
+    assert r.think_mask[0].nonzero().flatten().tolist() == list(range(i + 1))
+    assert r.completion_mask[0].tolist() == [j != i + 1 for j in range(30)]
+    # budget: after 2 thinking actions the whole tag is forced (2 forced tokens), then the answer
+    r = generate(model, tokenizer, prompt, make_mixer("hard"), 30, greedy=True, answer="greedy", think_end_text=tag,
+                 max_think_tokens=2)
+    assert r.mixtures.token[0, :4].tolist() == tokens[:2] + tokens[i:i + 2]
+    assert r.completion_mask[0, :5].tolist() == [True, True, False, False, True] and r.think_mask[0, 2:].sum() == 0
+    assert r.text[0].startswith(tokenizer.decode(tokens[:2]) + tag)
+    # budget when the text already ends with the tag's first token: only the rest is forced
+    r = generate(model, tokenizer, prompt, make_mixer("hard"), 30, greedy=True, answer="greedy", think_end_text=tag,
+                 max_think_tokens=i + 1)
+    assert r.mixtures.token[0, :i + 2].tolist() == tokens[:i + 2]
+    assert r.completion_mask[0, :i + 3].tolist() == [True] * (i + 1) + [False, True]
+
+
+def test_budget_and_answer_prefix(lm):
+    model, tokenizer = lm
+    r = generate(model, tokenizer, PROMPTS, make_mixer("hard"), 20, torch.Generator().manual_seed(0),
+                 max_think_tokens=0, answer_prefix="<answer>")
+    check_masks(r, tokenizer.eos_token_id)
+    tags = tokenizer.convert_tokens_to_ids(["</think>", "<answer>"])
+    assert r.mixtures.token[:, :2].tolist() == [tags] * len(PROMPTS)
+    assert not r.completion_mask[:, :2].any() and not r.think_mask.any() and r.completion_mask[:, 2].all()
+    assert all(text.startswith("</think><answer>") for text in r.text)
+    # after a thinking step that writes the tag itself (token rule), only the prefix is forced
+    close = tokenizer.convert_tokens_to_ids("</think>")
+    r = generate(model, tokenizer, PROMPTS, make_mixer("hard"), 40, greedy=True, answer="greedy",
+                 answer_prefix="<answer>")
+    row = 1  # writes </think> at its 9th step (see the notebook)
+    assert r.mixtures.token[row, 8] == close and r.think_mask[row, 8] and r.completion_mask[row, 8]
+    assert r.mixtures.token[row, 9] == tags[1] and not r.completion_mask[row, 9] and r.sequence_mask[row, 9]
+
+
+def test_stops_when_all_finished(lm):
+    model, tokenizer = lm
+    r = generate(model, tokenizer, ["a<think>"], make_mixer("hard"), 40, greedy=True, answer="greedy")
+    assert r.mixtures.shape == (1, 10) and r.sequence_mask.all() and r.mixtures.token[0, -1] == tokenizer.eos_token_id
+    assert "<eos>" not in r.text[0] and len(r.text[0]) == 9
+
+
+def test_ddp_wrapped_model(lm, tmp_path):
+    "Under DDP the forward passes go through the wrapper (its hooks run) and gradients are all-reduced."
+    model, tokenizer = lm
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(MixtureLM(model))
+        calls = []
+        handle = ddp.register_forward_pre_hook(lambda module, args: calls.append(1))
+        r = generate(ddp, tokenizer, PROMPTS, make_mixer("hard"), 12, torch.Generator().manual_seed(0),
+                     max_think_tokens=4)
+        n_generate = len(calls)
+        assert n_generate == r.mixtures.shape[1]  # the prefill and every step but the last
+        logps = sequence_logps(ddp, r)
+        assert len(calls) == n_generate + 1 and torch.allclose(logps, r.logps, atol=1e-4)
+        logps.sum().backward()
+        assert model.get_input_embeddings().weight.grad.abs().sum() > 0
+        handle.remove()
+    finally:
+        model.zero_grad()
+        dist.destroy_process_group()
+
+
+def test_chunked_equals_unchunked(lm):
+    model, tokenizer = lm
+    r = generate(model, tokenizer, PROMPTS, make_mixer("dirichlet" if "dirichlet" in MIXERS else "hard"), 24,
+                 torch.Generator().manual_seed(2), max_think_tokens=12)
+    with torch.no_grad():
+        whole, pieces = sequence_logps(model, r, chunk_size=1000), sequence_logps(model, r, chunk_size=1)
+    assert torch.allclose(whole, pieces, atol=1e-6)
+
+
+def test_mixture_helpers():
+    tokens = torch.tensor([[3, 4]])
+    padded = token_mixture(tokens, k=3, vector_dim=2)
+    assert padded.ids.tolist() == [[[3, 3, 3], [4, 4, 4]]] and padded.weights[..., 0].eq(1).all()
+    assert padded.weights[..., 1:].eq(0).all() and padded.vector.eq(0).all()
+    soft = Mixture(torch.zeros(1, 1, 1, dtype=torch.long), torch.zeros(1, 1, 1), torch.ones(1, 1, 2), torch.tensor([[7]]))
+    both = cat_mixtures([Mixture.from_tokens(tokens), soft], dim=1)
+    assert both.shape == (1, 3) and both.k == 1 and both.vector[0, :, 0].tolist() == [0, 0, 1]
+    with pytest.raises(ValueError, match="k:"):
+        pad_mixture(padded, 2, 2)
+    with pytest.raises(ValueError, match="vector_dim:"):
+        pad_mixture(soft, 1)
+    with pytest.raises(ValueError, match="dim:"):
+        cat_mixtures([soft, soft], dim=2)
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(answer="beam"), "answer"),
+    (dict(answer_temperature=0), "answer_temperature"), (dict(think_end="entropy"), "think_end"),
+    (dict(max_think_tokens=-1), "max_think_tokens"), (dict(think_end_text=""), "think_end_text"),
+    (dict(prompts=[]), "prompts"), (dict(prompts="a<think>"), "prompts"), (dict(prompts=[""]), "prompts"),
+    (dict(mixer="hard"), "mixer"), (dict(generator=0), "generator"), (dict(model=nn.Linear(2, 2)), "model"),
+])
+def test_bad_arguments_name_themselves(lm, kwargs, word):
+    model, tokenizer = lm
+    args = dict(model=model, tokenizer=tokenizer, prompts=PROMPTS, mixer=make_mixer("hard"), max_new_tokens=4)
+    with pytest.raises(ValueError, match=f"^{word}:"):
+        generate(**{**args, **kwargs})
+
+
+def test_sequence_logps_rejects_a_mismatched_mixer(lm):
+    model, tokenizer = lm
+    r = generate(model, tokenizer, PROMPTS, make_mixer("hard"), 4, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="chunk_size:"):
+        sequence_logps(model, r, chunk_size=0)
+    if "soft" in MIXERS:
+        with pytest.raises(ValueError, match="mixer:"):
+            sequence_logps(model, r, mixer=make_mixer("soft"))
