@@ -1,0 +1,166 @@
+"""Integration tests of motg.evaluate and motg.analysis on the tiny model and real Reasoning-Gym rows (CPU, seconds)."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from motg.analysis import diversity_records, markdown_table, profile, step_frame
+from motg.evaluate import (GRID_COLUMNS, MODES, answer_context, answer_nll, evaluate, grid_columns, inference_grid,
+                           ood_scores, pass_at_k, sample_records)
+from motg.mixture import make_mixer
+from motg.rollout import generate
+from motg.tasks import load_task, score
+from motg.testing import tiny_lm
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_lm()
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return load_task("cpu", "test", 4, seed=0)  # a mix of the CPU suite's tasks
+
+
+def test_pass_at_k_exact_values():
+    # hand-computed: 1 - C(n-c,k)/C(n,k)
+    assert pass_at_k(5, 2, 1) == pytest.approx(2 / 5)
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)
+    assert pass_at_k(6, 1, 3) == pytest.approx(1 - 10 / 20)
+    assert pass_at_k(32, 0, 32) == 0.0 and pass_at_k(32, 1, 32) == 1.0
+    np.testing.assert_allclose(pass_at_k(np.array([4, 4, 4]), np.array([0, 2, 4]), 2), [0.0, 1 - 1 / 6, 1.0])
+    with pytest.raises(ValueError, match="^k:"):
+        pass_at_k(4, 1, 5)
+
+
+def test_evaluate_is_fast_deterministic_and_tidy(tiny, rows):
+    model, tokenizer = tiny
+    settings = dict(n_samples=4, ks=(1, 2, 4), max_new_tokens=12, batch_size=8)
+    first = evaluate(model, tokenizer, rows, "hard", seed=3, **settings)
+    assert first == evaluate(model, tokenizer, rows, "hard", seed=3, **settings)
+    frame = pd.DataFrame(first)
+    assert set(frame["task"]) == {"all", *set(rows["task"])}  # per-task breakdown plus the pooled row
+    assert {"decoding", "task", "metric", "k", "value", "n_problems", "n_samples", "mode", "eval_seed"} <= set(frame)
+    overall = frame[frame.task == "all"].set_index(["decoding", "metric"])["value"]
+    assert overall["sample", "pass@1"] <= overall["sample", "pass@2"] <= overall["sample", "pass@4"]
+    assert 0 < overall["sample", "think_tokens"] <= overall["sample", "completion_tokens"] <= 12
+    assert frame[frame.metric == "pass@1"]["n_problems"].max() == len(rows)
+
+
+def test_sample_records_use_the_task_scorer_and_the_seed(tiny, rows):
+    model, tokenizer = tiny
+    a = sample_records(model, tokenizer, rows, "hard", n_samples=2, seed=0, max_new_tokens=12)
+    b = sample_records(model, tokenizer, rows, "hard", n_samples=2, seed=1, max_new_tokens=12)
+    assert [r["completion"] for r in a] != [r["completion"] for r in b]
+    assert len(a) == 2 * len(rows) and [r["problem"] for r in a[:4]] == [0, 0, 1, 1]
+    for record in a:
+        assert record["score"] == score(record["completion"], rows[record["problem"]])
+    # a completion holding the gold answer is correct under the task's own scorer
+    gold = [{"problem": 0, "completion": rows[0]["completion"]}]
+    assert score(gold[0]["completion"], rows[0]) == 1.0
+
+
+def test_greedy_does_not_depend_on_the_seed(tiny, rows):
+    model, tokenizer = tiny
+    greedy = [sample_records(model, tokenizer, rows, "hard", greedy=True, seed=s, max_new_tokens=12) for s in (0, 1)]
+    assert [r["completion"] for r in greedy[0]] == [r["completion"] for r in greedy[1]]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_inference_mode_runs(tiny, rows, mode):
+    model, tokenizer = tiny
+    records = evaluate(model, tokenizer, rows, mode, n_samples=2, ks=(1, 2), max_new_tokens=8, seed=0)
+    assert all(math.isfinite(r["value"]) for r in records)
+    assert {r["metric"] for r in records} >= {"pass@1", "pass@2", "score", "think_tokens"}
+
+
+def test_inference_grid_names_the_papers_columns(tiny, rows):
+    model, tokenizer = tiny
+    records = inference_grid(model, tokenizer, list(rows)[:2], n_samples=32, ks=(1, 32), max_new_tokens=6, seed=0,
+                             batch_size=64, labels={"train_mixer": "hard"})
+    settings = {r["setting"] for r in records if r["task"] == "all" and r["setting"]}
+    assert settings == set(GRID_COLUMNS) == set(grid_columns(("hard", "fuzzy", "soft"), (1, 32)))
+    table = markdown_table([r for r in records if r["setting"] and r["task"] == "all"], "train_mixer", "setting",
+                           scale=100, column_order=GRID_COLUMNS)
+    assert table.splitlines()[0] == "| train_mixer | " + " | ".join(GRID_COLUMNS) + " |"
+
+
+@pytest.mark.parametrize("bad, word", [
+    (dict(mode="beam"), "mode"), (dict(n_samples=4, ks=(1, 32)), "n_samples"), (dict(ks=(0,)), "ks"),
+    (dict(n_samples=0, greedy=False), "n_samples"), (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(seed=-1), "seed"), (dict(batch_size=0), "batch_size"), (dict(temperature=0.0), "temperature"),
+    (dict(rows=[]), "rows"), (dict(rows=[{"question": "1+1"}]), "rows")])
+def test_evaluate_validation(tiny, rows, bad, word):
+    model, tokenizer = tiny
+    kwargs = {**dict(rows=rows, n_samples=2, ks=(1, 2), max_new_tokens=4), **bad}
+    with pytest.raises(ValueError, match=f"^{word}"):
+        evaluate(model, tokenizer, **kwargs)
+
+
+def test_inference_grid_and_ood_validation(tiny, rows):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="^mixer_params"):
+        inference_grid(model, tokenizer, rows, modes=("hard",), mixer_params={"soft": {"temperature": 0.5}})
+    with pytest.raises(ValueError, match="^modes"):
+        inference_grid(model, tokenizer, rows, modes=("hard", "argmax"))
+    with pytest.raises(ValueError, match="^tasks"):
+        ood_scores(model, tokenizer, "chain_sum")
+
+
+def test_answer_nll_definition_on_task_rows(tiny, rows):
+    model, tokenizer = tiny
+    for row in rows:  # the trace context is exactly the gold completion up to the answer
+        assert row["prompt"] + row["completion"] == answer_context(row, "trace") + row["answer"] + "</answer>"
+    one_by_one = [answer_nll(model, tokenizer, [row]) for row in rows]
+    batched = answer_nll(model, tokenizer, rows, reduction="none", batch_size=3)
+    np.testing.assert_allclose(batched, one_by_one, rtol=1e-5)
+    assert all(0 < v < 10 for v in batched)
+
+
+def test_ood_scores_by_task_name(tiny):
+    model, tokenizer = tiny
+    records = ood_scores(model, tokenizer, ["chain_sum", "leg_counting"], size=2, max_new_tokens=8,
+                         labels={"when": "before"})
+    assert [(r["task"], r["metric"]) for r in records] == [
+        (t, m) for t in ["chain_sum", "leg_counting"] for m in ["accuracy", "score", "answer_nll"]]
+    assert all(r["when"] == "before" and r["n_problems"] == 2 for r in records)
+
+
+def test_answer_nll_falls_when_the_model_learns_the_answers(rows):
+    # a few steps of supervised training on the gold completions must lower the answer NLL: the measure moves
+    model, tokenizer = tiny_lm(seed=1)
+    before = answer_nll(model, tokenizer, rows)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    texts = [row["prompt"] + "</think><answer>" + row["answer"] for row in rows]
+    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    width = max(map(len, encoded))
+    ids = torch.tensor([seq + [tokenizer.pad_token_id] * (width - len(seq)) for seq in encoded])
+    attention = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for seq in encoded])
+    labels = ids.masked_fill(attention == 0, -100)
+    for _ in range(40):
+        loss = model(ids, attention_mask=attention, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert answer_nll(model, tokenizer, rows) < before - 0.5
+
+
+def test_analysis_tables_from_an_evaluation_rollout(tiny, rows):
+    model, tokenizer = tiny
+    G = 3
+    prompts = [row["prompt"] for row in list(rows)[:2] for _ in range(G)]
+    frames = []
+    for name in ("hard", "dirichlet", "soft"):
+        rollout = generate(model, tokenizer, prompts, make_mixer(name), 10, torch.Generator().manual_seed(0),
+                           keep_hidden=True)
+        frames.append(step_frame(rollout, group_size=G, model=model, labels={"mixer": name}))
+        diversity = pd.DataFrame(diversity_records(rollout, group_size=G, model=model, labels={"mixer": name}))
+        assert len(diversity) == 2 * 5  # 2 prompts × 5 metrics
+    steps = pd.concat(frames)
+    prof = profile(steps, value="entropy", by=["mixer"])
+    assert set(prof["mixer"]) == {"hard", "dirichlet", "soft"} and (prof["n"] <= 2 * G).all()
+    effective = steps.groupby("mixer")["effective_tokens"].mean()
+    assert effective["hard"] == 1.0 and 1.0 < effective["dirichlet"] <= 2.0 and effective["soft"] > 2.0
