@@ -141,12 +141,13 @@ def final_state(run_dir: Path) -> dict:
 @pytest.mark.parametrize("mixer", ["hard", "dirichlet"])
 def test_training_loss_is_finite_and_parameters_change(tmp_path, mixer):
     from motg.base import load_model
-    config = tiny_config(mixer=mixer, beta=0.05, num_iterations=2, gradient_accumulation_steps=2)
+    config = tiny_config(mixer=mixer, beta=0.05, num_iterations=2, gradient_accumulation_steps=2, log_entropy=True)
     summary = train(config, tmp_path / "run", reward_fn=text_reward)
     metrics = read_metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == [0, 1, 2, 3]
     assert all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in metrics[1:])
     assert any(m["grad_norm"] > 0 for m in metrics[1:])  # some group had different rewards
+    assert all(0 < m["entropy"] <= math.log(len(load_model("tiny-test")[1])) + 1e-4 for m in metrics[1:])
     initial, _ = load_model("tiny-test")
     trained = final_state(tmp_path / "run")["model"]
     changed = [name for name, p in initial.state_dict().items() if not torch.equal(p, trained[name])]
