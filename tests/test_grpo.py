@@ -21,7 +21,7 @@ from motg.rollout import Rollout, sequence_logps, tokenize_prompts
 from motg.testing import tiny_lm
 
 ROOT = Path(__file__).resolve().parent.parent
-TASK = "chain_sum"
+TASK = "cpu/chain_sum"
 
 
 def text_reward(completion: str, row: dict) -> float:
