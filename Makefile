@@ -24,7 +24,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest tests -q -p no:cacheprovider --durations=5
 
 reproduce: $(VENV)/.installed
-	$(PY) tools/reproduce.py --profile $${PROFILE:-cpu}
+	$(PY) tools/reproduce.py --profile $${PROFILE:-cpu} --jobs $${JOBS:-2}
 
 # Developer helpers
 export: $(VENV)/.installed

@@ -1,4 +1,45 @@
-"""The README's main job: run the reproduction sweep. Wired to nbs/reproduce.ipynb by the experiments work."""
-import sys
+"""The README's main job: execute nbs/reproduce.ipynb for a profile with papermill.
 
-sys.exit("make reproduce: the reproduction sweep is not wired yet (see the open experiments issue)")
+    python tools/reproduce.py --profile cpu [--jobs 2] [--threads 1]
+
+Results land in results/<profile>/ (runs, tidy data, tables, figures, manifest.json); the executed notebook is
+written to results/<profile>/reproduce.ipynb (papermill never writes over its input). Completed runs are
+skipped, so an interrupted reproduction resumes and a second call finishes in seconds.
+"""
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="cpu", help="a profile in profiles/ (smoke, cpu, cpu-full, gpu, paper)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs executed at the same time (default 2: two cores)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from motg.experiment import load_profile
+    try:
+        spec = load_profile(args.profile)  # an unknown profile fails here, before any work
+    except ValueError as error:
+        sys.exit(f"--profile: {str(error).split(': ', 1)[-1]}")
+    if args.jobs < 1 or args.threads < 1:
+        sys.exit("--jobs and --threads: must be integers >= 1")
+    import papermill as pm
+    out = ROOT / "results" / spec.get("name", args.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    pm.execute_notebook(str(ROOT / "nbs" / "reproduce.ipynb"), str(out / "reproduce.ipynb"),
+                        parameters={"profile": args.profile, "jobs": args.jobs, "threads": args.threads},
+                        cwd=str(ROOT / "nbs"), progress_bar=False, log_output=True)
+    print(f"reproduce --profile {args.profile}: done in {time.time() - started:.0f} s; see "
+          f"{(out / 'manifest.json').relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
