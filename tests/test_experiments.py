@@ -63,3 +63,20 @@ def test_train_notebook_never_overwrites_a_run(tmp_path):
         run_train(tmp_path)
     assert "out_dir:" in str(error.value)
     assert (out_dir / "metrics.jsonl").read_text() == "precious\n"
+
+
+def test_reproduce_notebook_smoke_profile_builds_every_item_and_resumes(tmp_path):
+    def reproduce():
+        pm.execute_notebook(str(NBS / "reproduce.ipynb"), str(tmp_path / "reproduce.ipynb"), cwd=str(NBS),
+                            parameters={"profile": "smoke", "results_dir": str(tmp_path / "results"), "jobs": 2,
+                                        "threads": 1}, progress_bar=False)
+        return json.loads((tmp_path / "results" / "manifest.json").read_text())
+    manifest = reproduce()
+    assert {item["id"] for item in manifest["items"]} == {"T1", "T2", "T3", "F1", "F2", "F3"}
+    for item in manifest["items"]:
+        assert (ROOT / item["file"]).exists() or Path(item["file"]).exists(), item
+        assert item["runs"] and item["mirrors"]
+    import csv
+    reproduce()  # a second call runs nothing: every run is complete
+    with open(tmp_path / "results" / "sweep_status.csv") as f:
+        assert {row["status"] for row in csv.DictReader(f)} == {"complete"}
