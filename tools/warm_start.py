@@ -64,8 +64,9 @@ def settings_of(args) -> dict:
     "The warm_start keyword arguments of a command line."
     tasks = args.tasks if "," not in args.tasks else args.tasks.split(",")
     settings = dict(tasks=tasks, n_train=args.n_train, steps=args.steps, learning_rate=args.learning_rate,
-                    batch_size=args.batch_size, seed=args.seed, group_by_length=args.group_by_length)
-    return settings | ({"difficulty": args.difficulty} if args.difficulty else {})
+                    batch_size=args.batch_size, seed=args.seed)
+    return settings | ({"difficulty": args.difficulty} if args.difficulty else {}) \
+        | ({"group_by_length": True} if args.group_by_length else {})  # warm_start's defaults stay implicit
 
 
 def evaluate_greedy(model, tokenizer, task_names: list[str], n_eval: int, seed: int, max_new_tokens: int,
