@@ -14,11 +14,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
-from .mixture import Hard, Mixer, Mixture, MixtureLM
+from .mixture import Hard, Mixer, Mixture, MixtureLM, sample_categorical
 
 # %% auto #0
 __all__ = ['pad_mixture', 'token_mixture', 'cat_mixtures', 'Rollout', 'resolve_model', 'pad_token_id', 'tokenize_prompts',
-           'ends_with', 'tag_overlap', 'sample_categorical', 'eos_token_ids', 'generate', 'sequence_logps']
+           'ends_with', 'tag_overlap', 'eos_token_ids', 'generate', 'sequence_logps']
 
 # %% ../nbs/04_rollout.ipynb #017523bc
 def pad_mixture(mixture: Mixture, k: int, vector_dim: int | None = None) -> Mixture:
@@ -136,13 +136,6 @@ def tag_overlap(window: Tensor, tag: Tensor) -> Tensor:
     for j in range(1, min(len(tag), window.shape[1] + 1)):  # a loop over the tag's length, not the batch
         overlap = torch.where(ends_with(window, tag[:j]), j, overlap)  # increasing j: the longest match wins
     return overlap
-
-# %% ../nbs/04_rollout.ipynb #814cf2e8
-def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    "One draw per row of `probs` `[..., V]` (non-negative, need not sum to 1), by inverting the CDF with one uniform."
-    cdf = probs.double().cumsum(-1)
-    u = torch.rand((*cdf.shape[:-1], 1), generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[..., -1:]
-    return (cdf <= u).sum(-1).clamp(max=probs.shape[-1] - 1)  # the first index whose CDF exceeds u
 
 # %% ../nbs/04_rollout.ipynb #004e7503
 def _check_choice(name: str, value, allowed: tuple) -> None:
@@ -267,8 +260,12 @@ def generate(
             logp = torch.where(answer_act, answer_logps.gather(-1, choice[:, None]).squeeze(-1), logp)
         ids, weights, vector = token.unsqueeze(-1).expand(batch, k), one_hot, zero_vector
         if any_think:
-            action = mixer.greedy(logits, E) if greedy else mixer.sample(logits, E, generator=generator)
-            action_logp = mixer.log_prob(logits, action, E).float() if mixer.trainable else no_log_prob
+            if greedy or not mixer.trainable:
+                action = mixer.greedy(logits, E) if greedy else mixer.sample(logits, E, generator=generator)
+                action_logp = mixer.log_prob(logits, action, E).float() if mixer.trainable else no_log_prob
+            else:  # one pass over the logits for the action and its log-probability
+                action, action_logp = mixer.sample_with_log_prob(logits, E, generator=generator)
+                action_logp = action_logp.float()
             action = pad_mixture(action, k, vector_dim)
             token = torch.where(think_act, action.token, token)
             ids = torch.where(think_act[:, None], action.ids, token[:, None])

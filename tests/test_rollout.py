@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from motg.mixture import MIXERS, Mixture, MixtureLM, make_mixer
+from motg.mixture import MIXERS, Mixture, MixtureLM, make_mixer, sample_categorical
 from motg.rollout import (Rollout, cat_mixtures, generate, pad_mixture, sequence_logps, token_mixture,
                           tokenize_prompts)
 from motg.testing import tiny_lm
@@ -63,17 +63,32 @@ def test_greedy_hard_is_transformers_greedy(lm):
     assert not r.completion_mask[at].any()
 
 
-def test_hard_sampling_is_transformers_sampling(lm):
-    "Same global seed, same draws: the hard mixer at temperature 1 samples exactly as transformers does."
+def test_hard_sampling_is_a_naive_sampling_loop(lm):
+    """Same generator, same draws: the hard mixer samples exactly as a cache-free loop that re-reads the whole
+    sequence each step and draws with `sample_categorical` (KV cache, positions and padding change nothing)."""
     model, tokenizer = lm
     ids, mask = tokenize_prompts(tokenizer, PROMPTS)
-    torch.manual_seed(5)
-    reference = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=30, top_k=None,
-                               top_p=None, temperature=None)
-    torch.manual_seed(5)
+    steps, eos, pad = 30, tokenizer.eos_token_id, tokenizer.pad_token_id
     # a tag that never occurs, so no sequence reaches the answer phase (which would draw extra random numbers)
-    r = generate(model, tokenizer, PROMPTS, make_mixer("hard"), 30, think_end_text="~~~~~")
-    assert torch.equal(r.mixtures.token, reference[:, ids.shape[1]:])
+    r = generate(model, tokenizer, PROMPTS, make_mixer("hard"), steps, think_end_text="~~~~~",
+                 generator=torch.Generator().manual_seed(5))
+    generator = torch.Generator().manual_seed(5)
+    sequence, attention = ids, mask
+    finished = torch.zeros(len(PROMPTS), dtype=torch.bool)
+    drawn = []
+    with torch.no_grad():
+        for _ in range(steps):
+            position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=sequence, attention_mask=attention, position_ids=position_ids).logits[:, -1]
+            token = sample_categorical(torch.log_softmax(logits.float(), -1).exp(), generator)
+            token = torch.where(finished, pad, token)
+            drawn.append(token)
+            finished |= token == eos
+            if finished.all():
+                break
+            sequence = torch.cat([sequence, token[:, None]], 1)
+            attention = torch.cat([attention, torch.ones_like(token[:, None])], 1)
+    assert torch.equal(r.mixtures.token, torch.stack(drawn, 1))
     assert torch.equal(r.think_mask, r.completion_mask)
 
 
