@@ -64,6 +64,14 @@ def _as_rows(rows) -> list[dict]:
     return rows
 
 
+def _with_prompts(rows: list[dict], prompt_style: str | None, tokenizer) -> list[dict]:
+    "The rows as given (`prompt_style=None`), or re-prompted in `prompt_style` (`motg.tasks.with_prompts`)."
+    if prompt_style is None:
+        return rows
+    from motg.tasks import with_prompts
+    return with_prompts(rows, prompt_style, tokenizer)
+
+
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -71,7 +79,8 @@ def _device(model) -> torch.device:
 def sample_records(model, tokenizer, rows, mode: str = "hard", *, n_samples: int = 1, greedy: bool = False,
                    answer: str = "greedy", max_new_tokens: int = 256, max_think_tokens: int | None = None,
                    think_end: str = "token", seed: int = 0, batch_size: int = 64,
-                   scorer: Callable[[str, dict], float] | None = None, **mixer_params) -> list[dict]:
+                   scorer: Callable[[str, dict], float] | None = None, prompt_style: str | None = None,
+                   **mixer_params) -> list[dict]:
     "Generate `n_samples` completions per row in inference `mode` (greedy or sampled); one record per sample."
     from motg.mixture import make_mixer
     from motg.rollout import generate
@@ -84,7 +93,7 @@ def sample_records(model, tokenizer, rows, mode: str = "hard", *, n_samples: int
     max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
     batch_size = _check_int("batch_size", batch_size, 1)
     seed = _check_int("seed", seed, 0)
-    rows = _as_rows(rows)
+    rows = _with_prompts(_as_rows(rows), prompt_style, tokenizer)
     mixer = make_mixer(mode, **mixer_params)
     generator = torch.Generator(device=_device(model)).manual_seed(seed)
     jobs = [(problem, sample) for problem in range(len(rows)) for sample in range(n_samples)]
@@ -136,7 +145,7 @@ def evaluate(model, tokenizer, rows, mode: str = "hard", *, n_samples: int = 32,
              ks: Sequence[int] = (1, 32), max_new_tokens: int = 256, max_think_tokens: int | None = None,
              answer: str = "greedy", think_end: str = "token", seed: int = 0, batch_size: int = 64,
              scorer: Callable[[str, dict], float] | None = None, labels: dict | None = None,
-             **mixer_params) -> list[dict]:
+             prompt_style: str | None = None, **mixer_params) -> list[dict]:
     "Greedy accuracy and sampled pass@k (per task and overall) of `model` in inference `mode`: tidy records."
     _check_choice("mode", mode, MODES)
     n_samples = _check_int("n_samples", n_samples, 0)
@@ -147,6 +156,7 @@ def evaluate(model, tokenizer, rows, mode: str = "hard", *, n_samples: int = 32,
         raise ValueError(f"n_samples: must be >= max(ks) = {max(ks)} to estimate pass@{max(ks)}, got {n_samples}")
     if not greedy and not n_samples:
         raise ValueError("n_samples: is 0 and greedy is False, so there is nothing to evaluate")
+    rows = _with_prompts(_as_rows(rows), prompt_style, tokenizer)  # once, for the greedy and the sampled decodes
     common = dict(answer=answer, max_new_tokens=max_new_tokens, max_think_tokens=max_think_tokens,
                   think_end=think_end, seed=seed, batch_size=batch_size, scorer=scorer, **mixer_params)
     samples = []
@@ -251,7 +261,8 @@ def answer_nll(model, tokenizer, rows, *, context: str = "prompt", batch_size: i
 # %% ../nbs/06_evaluate.ipynb #be1facf7
 def ood_scores(model, tokenizer, tasks: Sequence[str] | dict[str, Any], *, split: str = "test", size: int = 64,
                seed: int = 0, mode: str = "hard", context: str = "prompt", max_new_tokens: int = 256,
-               batch_size: int = 32, labels: dict | None = None, **evaluate_kwargs) -> list[dict]:
+               batch_size: int = 32, labels: dict | None = None, prompt_style: str | None = None,
+               **evaluate_kwargs) -> list[dict]:
     "Greedy accuracy, mean score and per-token answer NLL on each task of `tasks` (named, or `{name: rows}`)."
     if isinstance(tasks, str) or not tasks:
         raise ValueError(f"tasks: must be a non-empty list of task names or a dict of rows, got {tasks!r}")
@@ -262,7 +273,8 @@ def ood_scores(model, tokenizer, tasks: Sequence[str] | dict[str, Any], *, split
         tasks = {name: load_task(name, split, size, seed) for name in tasks}
     records = []
     for name, rows in tasks.items():
-        rows = _as_rows(rows)  # keep each row's own task: Reasoning-Gym scores by it ("cpu/x" rows carry "x")
+        # keep each row's own task: Reasoning-Gym scores by it ("cpu/x" rows carry "x")
+        rows = _with_prompts(_as_rows(rows), prompt_style, tokenizer)
         metrics = evaluate(model, tokenizer, rows, mode, n_samples=0, greedy=True, ks=(), seed=seed,
                            max_new_tokens=max_new_tokens, batch_size=batch_size, **evaluate_kwargs)
         overall = {r["metric"]: r["value"] for r in metrics if r["task"] == "all"}

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
@@ -249,10 +249,15 @@ def check_train_parameters(params: dict):
                                                  "num_generations", "prompts_per_step", "max_completion_length",
                                                  "max_think_tokens", "train_size", "eval_size", "eval_steps", "seed"]}
     overrides |= {name: params[name] for name in ["learning_rate", "beta", "epsilon"] if params[name] is not None}
+    if params.get("prompt_style") is not None:  # absent from parameter sets written before it existed: "auto"
+        overrides["prompt_style"] = params["prompt_style"]
     overrides |= params["train_overrides"]
     config = TrainConfig.from_preset(params["preset"], **overrides)  # raises naming a bad field or preset
     from motg.base import check_model_spec
+    from motg.grpo import model_prompt_style
     _as_parameter("model", check_model_spec, config.model)
+    # "auto" becomes the style the run will use; "chat" for a tokenizer without a template fails here
+    config = replace(config, prompt_style=model_prompt_style(config.model, config.prompt_style))
     if not isinstance(params.get("out_dir"), str) or not params["out_dir"]:
         raise ValueError(f"out_dir: must be a folder path, got {params.get('out_dir')!r}")
     run_dir = Path(params["out_dir"]).resolve()
@@ -271,12 +276,14 @@ def evaluate_run(config, run_dir: Path | str, params: dict) -> dict:
     from motg.evaluate import evaluate, inference_grid, ood_scores
     from motg.mixture import make_mixer
     from motg.rollout import generate
-    from motg.tasks import load_task
+    from motg.tasks import load_task, with_prompts
     from motg.grpo import stable_seed
 
     run_dir = Path(run_dir)
     model, tokenizer = load_model(str(run_dir / "model"))
-    test_rows = list(load_task(config.task, "test", config.eval_size, config.seed))
+    # the prompts of training (motg.grpo.train re-prompts its rows the same way)
+    test_rows = with_prompts(list(load_task(config.task, "test", config.eval_size, config.seed)),
+                             config.prompt_style, tokenizer)
     common = dict(max_new_tokens=config.max_completion_length, max_think_tokens=config.max_think_tokens,
                   seed=stable_seed(config.seed, "final-eval"), batch_size=config.eval_batch_size)
     labels = dict(train_task=config.task, train_mixer=config.mixer, seed=config.seed)
@@ -294,7 +301,8 @@ def evaluate_run(config, run_dir: Path | str, params: dict) -> dict:
         base_model, _ = load_model(config.model)
         for when, m in [("before", base_model), ("after", model)]:
             ood += ood_scores(m, tokenizer, params["ood_tasks"], size=params["ood_size"], seed=config.seed,
-                              max_new_tokens=config.max_completion_length, labels={**labels, "when": when})
+                              max_new_tokens=config.max_completion_length, labels={**labels, "when": when},
+                              prompt_style=config.prompt_style)
     # 4. Analyses: entropy along the reasoning and diversity across the G samples of a prompt
     if params["analysis_prompts"]:
         G = config.num_generations

@@ -24,7 +24,8 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['ADVANTAGE_KINDS', 'SCALE_REWARDS', 'LOSS_TYPES', 'OPTIMIZERS', 'LR_SCHEDULERS', 'DEVICES', 'PAPER_LEARNING_RATES',
            'PRESETS', 'TIMING_METRICS', 'check_choice', 'compute_advantages', 'masked_mean', 'grpo_loss', 'TrainConfig',
-           'stable_seed', 'rng_state', 'set_rng_state', 'checkpoint_dirs', 'lr_lambda', 'evaluate_accuracy', 'train']
+           'stable_seed', 'rng_state', 'set_rng_state', 'checkpoint_dirs', 'lr_lambda', 'evaluate_accuracy',
+           'model_prompt_style', 'train']
 
 # %% ../nbs/05_grpo.ipynb #28568473
 ADVANTAGE_KINDS = ("grpo", "dr_grpo", "rloo")
@@ -147,6 +148,7 @@ class TrainConfig:
     # what to train
     task: str = "cpu/chain_sum"  # a task, suite member ("cpu/chain_sum": the CPU-suite settings) or mix (load_task)
     model: str = "tiny-1m-warm"  # a motg.base.load_model spec (its DEFAULT_MODEL; a preset, "<preset>-warm", a folder)
+    prompt_style: str = "auto"  # auto | plain | chat (motg.tasks.with_prompts); auto: chat iff the model has a template
     mixer: str = "hard"  # the thinking mixer (motg.mixture.make_mixer); the answer is always hard tokens
     mixer_params: dict = field(default_factory=dict)  # e.g. {"temperature": 0.9}
     reward_scheme: str = "default"  # a scheme of motg.tasks.reward (default, correctness, motg, soft_tokens, ...)
@@ -204,8 +206,9 @@ class TrainConfig:
         if not isinstance(self.mixer_params, dict):
             raise ValueError(f"mixer_params: must be a dict, got {self.mixer_params!r}")
         require_trainable(make_mixer(self.mixer, **self.mixer_params))
-        from motg.tasks import REWARD_SCHEMES
+        from motg.tasks import PROMPT_STYLE_SETTINGS, REWARD_SCHEMES
         check_choice("reward_scheme", self.reward_scheme, REWARD_SCHEMES)
+        check_choice("prompt_style", self.prompt_style, PROMPT_STYLE_SETTINGS)
         _check_int("steps", self.steps, 1)
         _check_int("train_size", self.train_size, 1)
         _check_int("eval_size", self.eval_size, 0)
@@ -356,6 +359,30 @@ def evaluate_accuracy(model, tokenizer, rows, mixer, config: TrainConfig, accele
         results[f"eval_{mode}_completion_length"] = sum(n for *_, n in done) / max(1, len(done))
     return results
 
+# %% ../nbs/05_grpo.ipynb #52d99a62
+def model_prompt_style(model: str, prompt_style: str = "auto") -> str:
+    "The prompt style ('plain' or 'chat') of a run of the model spec `model`, read from its tokenizer alone."
+    from motg.base import build_tokenizer, check_model_spec, load_tokenizer, smollm2_gguf
+    from motg.tasks import PROMPT_STYLE_SETTINGS, resolve_prompt_style
+    check_choice("prompt_style", prompt_style, PROMPT_STYLE_SETTINGS)
+    if prompt_style == "plain":
+        return "plain"  # no tokenizer needed
+    kind = check_model_spec(model)
+    if kind in ("preset", "warm"):
+        tokenizer = build_tokenizer()  # the character tokenizer, which has no chat template
+    else:
+        source, extra = model, {}
+        if kind == "smollm2":
+            source, extra = smollm2_gguf().parent, {"gguf_file": smollm2_gguf().name}
+        try:
+            tokenizer = load_tokenizer(source, **extra)
+        except OSError as e:
+            raise RuntimeError(f"model: could not load the tokenizer of {model!r}: {e}") from e
+    if prompt_style == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"prompt_style: 'chat' needs a model whose tokenizer has a chat template, and {model!r} has "
+                         "none; use 'plain', or 'auto' to choose by the tokenizer")
+    return resolve_prompt_style(prompt_style, tokenizer)
+
 # %% ../nbs/05_grpo.ipynb #d25fb650
 TIMING_METRICS = ("step_time", "tokens_per_s", "rollout_time", "update_time", "eval_time")
 
@@ -424,7 +451,7 @@ def _run_state(config: TrainConfig, out_dir: Path, resume: bool, overwrite: bool
         raise FileExistsError(f"out_dir: {out_dir} already holds a run; choose another out_dir, or pass "
                               "overwrite=True to replace it (resume=True to continue it)")
     if resume and (out_dir / "config.json").exists():
-        saved = json.loads((out_dir / "config.json").read_text())
+        saved = {"prompt_style": "plain", **json.loads((out_dir / "config.json").read_text())}  # older runs: plain
         current = config.to_dict()
         changed = [k for k in current if k != "progress" and saved.get(k) != current[k]]
         if changed:
@@ -441,7 +468,7 @@ def train(config: TrainConfig, out_dir: Path | str, resume: bool = False, overwr
     from motg.experiment import prepare_run_dir, provenance, write_json
     from motg.mixture import make_mixer
     from motg.rollout import generate, sequence_logps
-    from motg.tasks import load_task, reward, score
+    from motg.tasks import load_task, reward, score, with_prompts
 
     start_time = time.time()
     if reward_fn is not None and not callable(reward_fn):
@@ -456,6 +483,8 @@ def train(config: TrainConfig, out_dir: Path | str, resume: bool = False, overwr
     from motg.base import check_model_spec
     check_model_spec(config.model)  # an unusable model spec, or an unknown task, raises before any folder exists
     load_task(config.task, "test", 1, 0)
+    # 'auto' resolved and 'chat' checked from the tokenizer alone, before any folder exists; config.json records it
+    config = replace(config, prompt_style=model_prompt_style(config.model, config.prompt_style))
     _run_state(config, out_dir, resume, overwrite)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -470,8 +499,11 @@ def train(config: TrainConfig, out_dir: Path | str, resume: bool = False, overwr
     if config.beta > 0:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     mixer = make_mixer(config.mixer, **config.mixer_params)
-    train_rows = list(load_task(config.task, "train", config.train_size, config.seed))
-    test_rows = list(load_task(config.task, "test", config.eval_size, config.seed)) if config.eval_size else []
+    # the prompts the model trains on are the ones it is evaluated on (motg.experiment.evaluate_run does the same)
+    train_rows = with_prompts(list(load_task(config.task, "train", config.train_size, config.seed)),
+                              config.prompt_style, tokenizer)
+    test_rows = with_prompts(list(load_task(config.task, "test", config.eval_size, config.seed)),
+                             config.prompt_style, tokenizer) if config.eval_size else []
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),

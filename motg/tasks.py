@@ -24,10 +24,11 @@ from reasoning_gym.factory import DATASETS
 
 # %% auto #0
 __all__ = ['PLAIN_CHARSET', 'SUITES', 'CPU_SUITE', 'TEST_SHARE', 'MAX_ANSWER_CHARS', 'SYSTEM_PROMPT', 'PROMPT_STYLES', 'TRACES',
-           'SPLITS', 'REWARD_SCHEMES', 'format_prompt', 'format_completion', 'extract_answer', 'arithmetic_trace',
-           'leg_counting_trace', 'letter_counting_trace', 'trace_answer', 'split_of', 'load_task', 'score',
-           'motg_format_ok', 'format_ok', 'motg_xml_count', 'correctness_reward', 'default_reward',
-           'soft_tokens_reward', 'motg_reward', 'reward', 'charset_of', 'trace_pass_rate']
+           'SPLITS', 'PROMPT_STYLE_SETTINGS', 'REWARD_SCHEMES', 'format_prompt', 'format_completion', 'extract_answer',
+           'arithmetic_trace', 'leg_counting_trace', 'letter_counting_trace', 'trace_answer', 'split_of', 'load_task',
+           'resolve_prompt_style', 'with_prompts', 'score', 'motg_format_ok', 'format_ok', 'motg_xml_count',
+           'correctness_reward', 'default_reward', 'soft_tokens_reward', 'motg_reward', 'reward', 'charset_of',
+           'trace_pass_rate']
 
 # %% ../nbs/00_tasks.ipynb #96b0c3fb
 PLAIN_CHARSET: str = "".join(sorted(set(string.printable) - set("\t\r\x0b\x0c")))  # the tiny tokenizer's characters
@@ -346,6 +347,41 @@ def load_task(name: str | dict, split: str, size: int, seed: int, **difficulty) 
         {"name": name, "split": split, "size": size, "seed": seed, "difficulty": difficulty,
          "dropped_for_charset": dropped, "test_share": TEST_SHARE}, default=str))
     return datasets.Dataset.from_list(rows, info=info)
+
+# %% ../nbs/00_tasks.ipynb #5485e0db
+PROMPT_STYLE_SETTINGS = ("auto", "plain", "chat")  # what a run's `prompt_style` may be
+
+
+def resolve_prompt_style(prompt_style: str, tokenizer=None) -> str:
+    "'plain' or 'chat': `prompt_style` itself, or for 'auto' 'chat' when `tokenizer` has a chat template, else 'plain'."
+    if prompt_style not in PROMPT_STYLE_SETTINGS:
+        raise ValueError(f"prompt_style: must be one of {list(PROMPT_STYLE_SETTINGS)}, got {prompt_style!r}")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if prompt_style == "chat" and not has_template:
+        raise ValueError("prompt_style: 'chat' needs a tokenizer with a chat template (tokenizer.chat_template), "
+                         f"and {'no tokenizer was given' if tokenizer is None else 'this tokenizer has none'}; "
+                         "use 'plain', or 'auto' to choose by the tokenizer")
+    if prompt_style == "auto":
+        return "chat" if has_template else "plain"
+    return prompt_style
+
+
+def with_prompts(rows, prompt_style: str = "auto", tokenizer=None, system_prompt: str = SYSTEM_PROMPT):
+    "`rows` (a list or a Dataset, the same kind back) with each `prompt` rebuilt from its `question` in `prompt_style`."
+    style = resolve_prompt_style(prompt_style, tokenizer)
+    out = []
+    for row in rows:
+        if not isinstance(row, Mapping):
+            raise ValueError(f"rows: must be rows of motg.tasks.load_task (mappings), got {type(row).__name__}")
+        row = dict(row)
+        if "question" in row:
+            row["prompt"] = format_prompt(row["question"], style, tokenizer, system_prompt)
+        elif style == "chat":
+            raise ValueError("rows: a chat prompt is built from a row's 'question', and a row has none")
+        out.append(row)  # a plain row without a question keeps the prompt it came with
+    if isinstance(rows, datasets.Dataset):
+        return datasets.Dataset.from_list(out, features=rows.features, info=rows.info)
+    return out
 
 # %% ../nbs/00_tasks.ipynb #ea4aa0d7
 @lru_cache(maxsize=256)

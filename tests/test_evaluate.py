@@ -164,3 +164,21 @@ def test_analysis_tables_from_an_evaluation_rollout(tiny, rows):
     assert set(prof["mixer"]) == {"hard", "dirichlet", "soft"} and (prof["n"] <= 2 * G).all()
     effective = steps.groupby("mixer")["effective_tokens"].mean()
     assert effective["hard"] == 1.0 and 1.0 < effective["dirichlet"] <= 2.0 and effective["soft"] > 2.0
+
+
+def test_ood_scores_score_the_answer_after_the_prompt_style_asked_for(tiny):
+    from motg.base import build_tokenizer
+    from motg.tasks import with_prompts
+    model, tokenizer = tiny
+    chat_tokenizer = build_tokenizer()  # the tiny model's vocabulary, with a chat template
+    chat_tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+    rows = load_task("cpu/chain_sum", "test", 3, seed=0)
+    nll = lambda records: next(r["value"] for r in records if r["metric"] == "answer_nll")
+    common = dict(max_new_tokens=2, batch_size=3)
+    as_given = ood_scores(model, chat_tokenizer, {"chain_sum": rows}, **common)
+    chat = ood_scores(model, chat_tokenizer, {"chain_sum": rows}, prompt_style="auto", **common)
+    assert nll(as_given) == pytest.approx(answer_nll(model, tokenizer, rows))
+    assert nll(chat) == pytest.approx(answer_nll(model, tokenizer, with_prompts(rows, "chat", chat_tokenizer)))
+    assert nll(chat) != pytest.approx(nll(as_given))
+    plain = ood_scores(model, tokenizer, {"chain_sum": rows}, prompt_style="auto", **common)  # no template: plain
+    assert plain == ood_scores(model, tokenizer, {"chain_sum": rows}, **common)

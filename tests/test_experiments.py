@@ -80,3 +80,58 @@ def test_reproduce_notebook_smoke_profile_builds_every_item_and_resumes(tmp_path
     reproduce()  # a second call runs nothing: every run is complete
     with open(tmp_path / "results" / "sweep_status.csv") as f:
         assert {row["status"] for row in csv.DictReader(f)} == {"complete"}
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+                 "{% if not loop.last %}<|end|>\n{% endif %}{% endfor %}")  # every character is in the tiny vocabulary
+
+
+def test_check_train_parameters_resolves_and_checks_the_prompt_style(tmp_path):
+    from motg.experiment import check_train_parameters
+    from motg.testing import tiny_lm
+    params = {**SMOKE, "out_dir": str(tmp_path / "run"), "overwrite": False, "resume": False}
+    assert "prompt_style" not in params and check_train_parameters(params)[0].prompt_style == "plain"  # auto
+    for where in [{"prompt_style": "chat"}, {"train_overrides": {"prompt_style": "chat"}}]:
+        with pytest.raises(ValueError, match=r"^prompt_style: 'chat' needs a model whose tokenizer has a chat"):
+            check_train_parameters({**params, **where})
+    with pytest.raises(ValueError, match=r"^prompt_style: must be one of \['auto', 'plain', 'chat'\]"):
+        check_train_parameters({**params, "prompt_style": "xml"})
+    model, tokenizer = tiny_lm()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    model.save_pretrained(tmp_path / "chat-model")
+    tokenizer.save_pretrained(tmp_path / "chat-model")
+    chat = {**params, "model": str(tmp_path / "chat-model")}
+    assert check_train_parameters(chat)[0].prompt_style == "chat"
+    assert check_train_parameters({**chat, "prompt_style": "plain"})[0].prompt_style == "plain"
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_run_prompts_a_chat_model_as_training_did(tmp_path, monkeypatch):
+    import shutil
+    import motg.rollout
+    from motg.experiment import check_train_parameters, evaluate_run
+    from motg.tasks import format_prompt, load_task
+    from motg.testing import tiny_lm
+    model, tokenizer = tiny_lm()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    model.save_pretrained(tmp_path / "chat-model")
+    tokenizer.save_pretrained(tmp_path / "chat-model")
+    params = {**SMOKE, "model": str(tmp_path / "chat-model"), "out_dir": str(tmp_path / "run"), "overwrite": False,
+              "resume": False, "eval_modes": ["soft"], "ood_tasks": ["cpu/leg_counting"], "ood_size": 2,
+              "max_completion_length": 4}
+    config, run_dir = check_train_parameters(params)
+    shutil.copytree(tmp_path / "chat-model", run_dir / "model")  # stands in for the trained model
+    real, prompts = motg.rollout.generate, set()
+
+    def generate(model, tokenizer, batch, *args, **kwargs):
+        prompts.update(batch)
+        return real(model, tokenizer, batch, *args, **kwargs)
+
+    monkeypatch.setattr(motg.rollout, "generate", generate)
+    evaluate_run(config, run_dir, params)
+    chat = lambda question: format_prompt(question, "chat", tokenizer)
+    test = {chat(q) for q in load_task(config.task, "test", config.eval_size, config.seed)["question"]}
+    ood = {chat(q) for q in load_task("cpu/leg_counting", "test", 2, config.seed)["question"]}
+    assert prompts == test | ood  # the training mixer, the grid, the analyses and the OOD tasks: chat prompts only
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(sample["prompt"] in test for sample in samples)

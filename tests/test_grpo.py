@@ -278,3 +278,92 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+
+
+# --- Prompt format: plain for the character tokenizer, the chat template for a chat model -------------------------
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+                 "{% if not loop.last %}<|end|>\n{% endif %}{% endfor %}")  # every character is in the tiny vocabulary
+
+
+def save_chat_model(folder: Path):
+    "The tiny-test model saved with its character tokenizer given a chat template: a chat model, offline."
+    model, tokenizer = tiny_lm()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def record_generate(monkeypatch) -> list[list[str]]:
+    "The prompts of every motg.rollout.generate call, in order (train and evaluation import it when called)."
+    import motg.rollout
+    real, calls = motg.rollout.generate, []
+
+    def generate(model, tokenizer, prompts, *args, **kwargs):
+        calls.append(list(prompts))
+        return real(model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(motg.rollout, "generate", generate)
+    return calls
+
+
+@pytest.mark.parametrize("prompt_style", ["auto", "chat"])
+def test_a_chat_model_trains_and_is_evaluated_on_its_chat_template(tmp_path, monkeypatch, prompt_style):
+    from motg.base import load_tokenizer
+    from motg.tasks import SYSTEM_PROMPT, format_prompt, load_task
+    save_chat_model(tmp_path / "chat-model")
+    tokenizer = load_tokenizer(tmp_path / "chat-model")
+    assert tokenizer.chat_template == CHAT_TEMPLATE  # the template survived saving and loading
+    calls = record_generate(monkeypatch)
+    train(tiny_config(model=str(tmp_path / "chat-model"), prompt_style=prompt_style, steps=1), tmp_path / "run",
+          reward_fn=text_reward)
+    chat = lambda question: format_prompt(question, "chat", tokenizer)
+    train_questions = load_task(TASK, "train", 16, 0)["question"]
+    test_prompts = [chat(q) for q in load_task(TASK, "test", 4, 0)["question"]]
+    # evaluation before training, the step's rollouts (2 prompts x 4), evaluation after: all chat prompts
+    assert calls == [test_prompts, [chat(train_questions[i // 4]) for i in range(8)], test_prompts]
+    first = calls[1][0]
+    assert first.startswith("<|system|>\n" + SYSTEM_PROMPT) and first.endswith("<|end|>\n<|assistant|>\n<think>")
+    ids = tokenizer(first, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == first and ids[-1] == tokenizer.convert_tokens_to_ids("<think>")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["prompt_style"] == "chat"
+
+
+def test_plain_prompts_are_the_rows_own_byte_for_byte(tmp_path, monkeypatch):
+    from motg.tasks import load_task
+    calls = record_generate(monkeypatch)
+    train(tiny_config(steps=1), tmp_path / "run", reward_fn=text_reward)  # prompt_style "auto", no chat template
+    rows = load_task(TASK, "train", 16, 0)
+    assert calls[1] == [rows[i // 4]["prompt"] for i in range(8)]
+    assert calls[1][0] == rows[0]["question"] + "\n<think>"
+    assert calls[0] == load_task(TASK, "test", 4, 0)["prompt"]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["prompt_style"] == "plain"
+
+
+def test_chat_prompts_without_a_chat_template_fail_before_any_work(tmp_path, monkeypatch):
+    import motg.base
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(motg.base, "load_model", no_model)
+    for model in ["tiny-test", "tiny-1m-warm"]:
+        with pytest.raises(ValueError, match=r"^prompt_style: 'chat' needs a model whose tokenizer has a chat"):
+            train(tiny_config(model=model, prompt_style="chat"), tmp_path / "run")
+        assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match=r"^prompt_style: must be one of \['auto', 'plain', 'chat'\]"):
+        tiny_config(prompt_style="xml")
+
+
+def test_resume_checks_the_prompt_style_and_reads_older_runs_as_plain(tmp_path):
+    run = tmp_path / "run"
+    config = tiny_config(steps=1)
+    train(config, run, reward_fn=text_reward)
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**saved, "prompt_style": "chat"}))
+    with pytest.raises(ValueError, match=r"^resume: .*prompt_style: 'chat' there, 'plain' now"):
+        train(config, run, resume=True)
+    del saved["prompt_style"]  # a run written before the setting existed had plain prompts
+    (run / "config.json").write_text(json.dumps(saved))
+    assert train(config, run, resume=True, reward_fn=text_reward)["out_dir"] == str(run)

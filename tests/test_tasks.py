@@ -224,3 +224,31 @@ def test_chat_prompt_opens_the_thinking_phase():
 
 def test_trace_answer_reads_the_last_result():
     assert trace_answer("3+4=7\n7-2=5\n") == "5" and trace_answer("") is None
+
+
+def test_with_prompts_keeps_plain_prompts_byte_for_byte_and_builds_chat_ones(cpu_test):
+    from datasets import Dataset
+    from motg.tasks import SYSTEM_PROMPT, resolve_prompt_style, with_prompts
+    plain_tokenizer, chat_tokenizer = build_tokenizer(), build_tokenizer()
+    chat_tokenizer.chat_template = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}"
+                                    "{% if not loop.last %}[end]{% endif %}{% endfor %}")
+    for task, rows in cpu_test.items():
+        rows = rows.select(range(50))
+        assert rows["prompt"] == [q + "\n<think>" for q in rows["question"]], task  # load_task's plain prompts
+        for style, tokenizer in [("auto", plain_tokenizer), ("plain", plain_tokenizer), ("plain", chat_tokenizer)]:
+            same = with_prompts(rows, style, tokenizer)
+            assert isinstance(same, Dataset) and same["prompt"] == rows["prompt"], (task, style)
+            assert same.to_list() == rows.to_list() and same.info.description == rows.info.description
+        chat = with_prompts(list(rows), "auto", chat_tokenizer)
+        assert isinstance(chat, list) and [r["question"] for r in chat] == rows["question"]
+        for row in chat:
+            assert row["prompt"] == f"[system]{SYSTEM_PROMPT}[end][user]{row['question']}[end][assistant]<think>"
+            ids = chat_tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]  # encodable, no unknowns
+            assert chat_tokenizer.decode(ids) == row["prompt"]
+    assert resolve_prompt_style("auto", None) == "plain"
+    with pytest.raises(ValueError, match=r"^prompt_style: 'chat' needs a tokenizer with a chat template"):
+        with_prompts(cpu_test["chain_sum"], "chat", plain_tokenizer)
+    with pytest.raises(ValueError, match=r"^prompt_style: must be one of \['auto', 'plain', 'chat'\]"):
+        with_prompts(cpu_test["chain_sum"], "Chat", chat_tokenizer)
+    with pytest.raises(ValueError, match="^rows"):
+        with_prompts(["not a row"], "plain")
