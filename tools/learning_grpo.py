@@ -47,9 +47,17 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--mixer-params", default="{}",
+                        help='JSON object of mixer parameters for every run, e.g. \'{"objective": "motg_paper"}\'')
     parser.add_argument("--out", default=str(ROOT / "results" / "learning"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    try:
+        mixer_params = json.loads(args.mixer_params)
+    except json.JSONDecodeError as error:
+        parser.error(f"--mixer-params: not valid JSON ({error}); give an object such as '{{\"k\": 3}}'")
+    if not isinstance(mixer_params, dict):
+        parser.error(f"--mixer-params: must be a JSON object, got {args.mixer_params!r}")
 
     from motg.experiment import provenance, relative_to_root, write_json
     from motg.grpo import TrainConfig, train
@@ -60,7 +68,7 @@ def main() -> None:
         overrides = dict(task=args.task, model=args.model, mixer=mixer, steps=args.steps,
                          max_completion_length=args.max_completion_length, eval_size=args.eval_size,
                          eval_steps=args.eval_steps, eval_num_samples=args.eval_samples, save_steps=args.eval_steps,
-                         seed=args.seed, progress=True, log_entropy=True)
+                         seed=args.seed, progress=True, log_entropy=True, mixer_params=mixer_params)
         for name in ["learning_rate", "prompts_per_step", "num_generations"]:
             if getattr(args, name) is not None:
                 overrides[name] = getattr(args, name)
