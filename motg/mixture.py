@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # %% auto #0
-__all__ = ['OBJECTIVES', 'MIXERS', 'Mixture', 'embed', 'MixtureLM', 'Mixer', 'check_positive', 'check_k', 'check_in_range',
-           'check_choice', 'sample_categorical', 'Hard', 'sample_dirichlet', 'Dirichlet', 'set_log_prob',
-           'DifferentTokens', 'noise_scale', 'Soft', 'Fuzzy', 'SoftThinking', 'MixtureOfInputs', 'make_mixer',
-           'require_trainable']
+__all__ = ['OBJECTIVES', 'CENSOR', 'MIXERS', 'Mixture', 'embed', 'MixtureLM', 'Mixer', 'check_positive', 'check_k',
+           'check_in_range', 'check_choice', 'sample_categorical', 'Hard', 'sample_dirichlet', 'Dirichlet',
+           'set_log_prob', 'DifferentTokens', 'noise_scale', 'Soft', 'Fuzzy', 'SoftThinking', 'MixtureOfInputs',
+           'make_mixer', 'require_trainable']
 
 # %% ../nbs/03_mixture.ipynb #1bba4ce5
 @dataclass
@@ -201,6 +201,7 @@ def sample_dirichlet(alpha: Tensor, generator: torch.Generator | None = None) ->
 
 # %% ../nbs/03_mixture.ipynb #ef258c1f
 OBJECTIVES = ("exact", "motg_paper")  # the exact log-probability, or the MoT-G paper's surrogate
+CENSOR = 1e-30  # Dirichlet weights below this are censored: their log-probability is that of w_j < CENSOR
 
 
 class Dirichlet(Mixer):
@@ -241,13 +242,16 @@ class Dirichlet(Mixer):
         if self.objective == "motg_paper":
             return torch.log_softmax(_as_float(logits), dim=-1).gather(-1, mixture.token.unsqueeze(-1)).squeeze(-1)
         alpha = self.concentration_of(logits, mixture.ids)
-        weights = mixture.weights.to(alpha.dtype).clamp_min(_TINY)
-        log_density = (torch.lgamma(alpha.sum(-1)) - torch.lgamma(alpha).sum(-1)
-                       + ((alpha - 1) * weights.log()).sum(-1))
-        return log_density + _log_weight_of(weights, mixture.ids, mixture.token)
+        weights = mixture.weights.to(alpha.dtype)
+        # A weight below CENSOR (float32 cannot hold the 1e-1000 that a tiny α draws) is the event w_j < CENSOR:
+        # its factor is ∫₀^ε w^(α-1) dw / Γ(α) = ε^α / Γ(α+1) in place of the density's w^(α-1) / Γ(α).
+        censored = weights < CENSOR
+        log_factor = torch.where(censored, alpha * math.log(CENSOR) - torch.lgamma(alpha + 1),
+                                 (alpha - 1) * weights.clamp_min(CENSOR).log() - torch.lgamma(alpha))
+        log_density = torch.lgamma(alpha.sum(-1)) + log_factor.sum(-1)
+        return log_density + _log_weight_of(weights.clamp_min(_TINY), mixture.ids, mixture.token)
 
 # %% ../nbs/03_mixture.ipynb #a3384e19
-@lru_cache(maxsize=None)
 @lru_cache(maxsize=None)
 def _subset_tables(k: int, device: torch.device) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
     "Index tables of the subset recursion over k positions; subsets are bitmasks ordered by size, then value."
