@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import random
 import re
@@ -29,8 +30,9 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 __all__ = ['SPECIAL_TOKENS', 'FORMAT_TAGS', 'DEFAULT_CHARSET', 'MODEL_PRESETS', 'WARM_START_VERSION', 'DEFAULT_PRESET',
            'WARM_START_DEFAULTS', 'WARM_SUFFIX', 'DEFAULT_MODEL', 'SMOLLM2', 'SMOLLM2_GGUF', 'build_tokenizer',
            'model_config', 'build_model', 'sft_dataset', 'warm_start_data', 'torch_threads', 'resolve_device',
-           'sft_train', 'default_cache_dir', 'data_fingerprint', 'config_hash', 'warm_start', 'allowed_specs',
-           'hub_offline', 'check_model_spec', 'smollm2_gguf', 'is_character_tokenizer', 'load_tokenizer', 'load_model']
+           'length_groups', 'length_grouped_trainer', 'sft_train', 'default_cache_dir', 'data_fingerprint',
+           'config_hash', 'warm_start', 'allowed_specs', 'hub_offline', 'check_model_spec', 'smollm2_gguf',
+           'is_character_tokenizer', 'load_tokenizer', 'load_model']
 
 # %% ../nbs/01_base.ipynb #aeab95d0
 SPECIAL_TOKENS = ["<pad>", "<eos>"]  # pad first so it is id 0; eos ends every completion
@@ -185,9 +187,55 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise ValueError(f"device: must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from e
 
 
+def length_groups(lengths: list[int], max_groups: int = 4, overhead: int = 256) -> list[list[int]]:
+    """Rows of a batch split into at most `max_groups` groups of similar length: the split (contiguous in length
+    order) that minimises Σ rows × longest row + `overhead` per group, i.e. the padded positions computed."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sorted_lengths = [lengths[i] for i in order]
+    n, groups_max = len(order), max(1, min(max_groups, len(order)))
+    best = [[math.inf] * (n + 1) for _ in range(groups_max + 1)]  # best[g][j]: the first j sorted rows, g groups
+    cut = [[0] * (n + 1) for _ in range(groups_max + 1)]
+    best[0][0] = 0
+    for g in range(1, groups_max + 1):
+        for j in range(g, n + 1):
+            for i in range(g - 1, j):
+                cost = best[g - 1][i] + (j - i) * sorted_lengths[j - 1] + overhead
+                if cost < best[g][j]:
+                    best[g][j], cut[g][j] = cost, i
+    g, j, groups = min(range(1, groups_max + 1), key=lambda g: best[g][n]), n, []
+    while g > 0:
+        groups.append(order[cut[g][j]:j])
+        j, g = cut[g][j], g - 1
+    return groups[::-1]
+
+
+def length_grouped_trainer():
+    "TRL's `SFTTrainer`, computing each batch as sub-batches of similar length (see the text above)."
+    from trl import SFTTrainer
+
+    class LengthGroupedSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mask = inputs.get("attention_mask")
+            right_padded = mask is not None and bool((mask.cumprod(1).sum(1) == mask.sum(1)).all())
+            if return_outputs or not right_padded or mask.shape[0] < 2:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if num_items_in_batch is None:  # the whole batch's count: TRL's per-token loss divides by it
+                num_items_in_batch = (inputs["labels"][:, 1:] != -100).sum()
+            lengths, loss = mask.sum(1).tolist(), 0
+            for rows in length_groups(lengths):
+                index, longest = torch.tensor(rows, device=mask.device), max(lengths[i] for i in rows)
+                sub = {k: v[index, :longest] if torch.is_tensor(v) and v.shape == mask.shape else v
+                       for k, v in inputs.items()}
+                loss = loss + super().compute_loss(model, sub, num_items_in_batch=num_items_in_batch)
+            return loss
+
+    return LengthGroupedSFTTrainer
+
+
 def sft_train(model, tokenizer, data, steps: int, learning_rate: float = 2e-3, batch_size: int = 32,
               seed: int = 0, warmup_ratio: float = 0.05, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
-              group_by_length: bool = False, device: str = "cpu", progress: bool = True) -> list[dict]:
+              group_by_length: bool = False, sub_batches: bool = True, device: str = "cpu",
+              progress: bool = True) -> list[dict]:
     "Fine-tune `model` in place on prompt-completion `data` (loss on the completion only); returns the log history."
     from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
     from trl import SFTConfig, SFTTrainer
@@ -217,7 +265,8 @@ def sft_train(model, tokenizer, data, steps: int, learning_rate: float = 2e-3, b
         disable_progress_bar()  # the dataset preparation's bars are noise; the training bar is the one to watch
         try:
             with _rng_preserved():
-                trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+                trainer_class = length_grouped_trainer() if sub_batches else SFTTrainer
+                trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
                 model.train()
                 trainer.train()
         finally:
@@ -266,7 +315,8 @@ def warm_start(preset: str = DEFAULT_PRESET, tasks: str | list[str] = _D["tasks"
                steps: int = _D["steps"], learning_rate: float = _D["learning_rate"],
                batch_size: int = _D["batch_size"], seed: int = _D["seed"],
                difficulty: dict[str, dict] | None = None, data=None, warmup_ratio: float = 0.05,
-               weight_decay: float = 0.0, group_by_length: bool = False, device: str = "cpu",
+               weight_decay: float = 0.0, group_by_length: bool = False, sub_batches: bool = True,
+               device: str = "cpu",
                num_threads: int | None = 2,
                cache_dir: Path | str | None = None, force: bool = False, progress: bool = True) -> Path:
     "The folder of `preset` fine-tuned on reasoning traces: trained and cached on first use, read from cache after."
@@ -282,7 +332,8 @@ def warm_start(preset: str = DEFAULT_PRESET, tasks: str | list[str] = _D["tasks"
                   n_train=n_train, difficulty=difficulty, n_examples=len(dataset),
                   data_sha256=data_fingerprint(dataset), steps=steps, learning_rate=learning_rate,
                   batch_size=batch_size, seed=seed, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
-                  group_by_length=group_by_length, device=resolve_device(device).type)
+                  group_by_length=group_by_length, sub_batches=sub_batches, device=resolve_device(device).type,
+                  num_threads=num_threads)  # threads change the float summation order, hence the model
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder = cache_dir / f"{preset}-{config_hash(config)}"
     if (folder / "provenance.json").exists() and not force:
@@ -295,7 +346,8 @@ def warm_start(preset: str = DEFAULT_PRESET, tasks: str | list[str] = _D["tasks"
         model = build_model(preset, tokenizer, seed=seed)
         with torch_threads(num_threads):
             history = sft_train(model, tokenizer, dataset, steps, learning_rate, batch_size, seed, warmup_ratio,
-                                weight_decay, group_by_length=group_by_length, device=device, progress=progress)
+                                weight_decay, group_by_length=group_by_length, sub_batches=sub_batches,
+                                device=device, progress=progress)
         wall_time, cpu_time = time.time() - start, time.process_time() - cpu_start
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
