@@ -280,7 +280,7 @@ WARM_START_VERSION = 1  # bump when the training recipe changes in a way the set
 DEFAULT_PRESET = "tiny-1m"
 # The settings of the default base model, and of every "<preset>-warm" spec of `load_model` (see below): chosen so
 # the warm start takes at most ten minutes on two CPU cores and leaves each CPU-suite task partly learnt.
-WARM_START_DEFAULTS: dict[str, Any] = dict(tasks="cpu", n_train=2000, steps=1200, learning_rate=3e-3,
+WARM_START_DEFAULTS: dict[str, Any] = dict(tasks="cpu", n_train=3000, steps=1700, learning_rate=3e-3,
                                            batch_size=32, seed=0)
 
 

@@ -323,9 +323,12 @@ def evaluate_run(config, run_dir: Path | str, params: dict) -> dict:
 def finish_run(run_dir: Path | str, config, params: dict, evaluation: dict, wall_time_s: float) -> Path:
     "Write `provenance.json`, then `eval.json` last: the run is complete."
     run_dir = Path(run_dir)
+    summary = run_dir / "train_summary.json"
+    base_model_folder = (json.loads(summary.read_text())["provenance"].get("base_model_folder")
+                         if summary.exists() else None)  # which build of a preset the run started from
     record = provenance(config.to_dict(), seeds={"seed": config.seed}, wall_time_s=wall_time_s,
                         notebook_parameters={k: v for k, v in params.items() if k != "out_dir"},
-                        run_dir=relative_to_root(run_dir))
+                        run_dir=relative_to_root(run_dir), base_model_folder=base_model_folder)
     write_json(run_dir / "provenance.json", record)
     return write_json(run_dir / "eval.json", {**evaluation, "provenance": record})
 

@@ -494,6 +494,7 @@ def train(config: TrainConfig, out_dir: Path | str, resume: bool = False, overwr
 
     # Model, reference, mixer, data, optimizer, schedule
     model, tokenizer = load_model(config.model, device=accelerator.device)
+    base_model_folder = str(getattr(model, "name_or_path", "") or config.model)  # a preset resolves to its cache folder
     model = model.eval()
     reference = None
     if config.beta > 0:
@@ -678,6 +679,7 @@ def train(config: TrainConfig, out_dir: Path | str, resume: bool = False, overwr
                    "last_step_metrics": record,
                    "provenance": provenance(config.to_dict(), seeds={"seed": config.seed},
                                             wall_time_s=time.time() - start_time, num_processes=world,
+                                            base_model_folder=base_model_folder,
                                             reward_fn=None if reward_fn is None else getattr(
                                                 reward_fn, "__qualname__", repr(reward_fn)))}
         write_json(out_dir / "train_summary.json", summary)
