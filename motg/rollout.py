@@ -12,7 +12,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-from transformers import DynamicCache
+from transformers import StaticCache
 
 from .mixture import Hard, Mixer, Mixture, MixtureLM, sample_categorical
 
@@ -218,7 +218,9 @@ def generate(
     attention = torch.ones(batch, prompt_len + max_new_tokens, dtype=torch.long, device=device)
     attention[:, :prompt_len] = prompt_mask
     prompt_lengths = prompt_mask.sum(-1)
-    cache = DynamicCache(config=lm.config)
+    # A preallocated cache: a DynamicCache concatenates every layer's keys and values at every step (a quarter of a
+    # step's time on the CPU at 128 new tokens); the static one writes in place. Same logits (to 1e-6), ~4% faster.
+    cache = StaticCache(config=lm.config, max_cache_len=prompt_len + max_new_tokens)
     out = call(Mixture.from_tokens(prompt_ids), attention_mask=attention[:, :prompt_len],
                position_ids=(prompt_mask.long().cumsum(-1) - 1).clamp(min=0), past_key_values=cache, use_cache=True,
                logits_to_keep=1, output_hidden_states=keep_hidden)
