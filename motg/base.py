@@ -32,7 +32,7 @@ __all__ = ['SPECIAL_TOKENS', 'FORMAT_TAGS', 'DEFAULT_CHARSET', 'MODEL_PRESETS', 
            'model_config', 'build_model', 'sft_dataset', 'warm_start_data', 'torch_threads', 'resolve_device',
            'length_groups', 'length_grouped_trainer', 'sft_train', 'default_cache_dir', 'data_fingerprint',
            'config_hash', 'warm_start', 'allowed_specs', 'hub_offline', 'check_model_spec', 'smollm2_gguf',
-           'is_character_tokenizer', 'load_tokenizer', 'load_model']
+           'is_character_tokenizer', 'load_tokenizer', 'model_source', 'load_model']
 
 # %% ../nbs/01_base.ipynb #aeab95d0
 SPECIAL_TOKENS = ["<pad>", "<eos>"]  # pad first so it is id 0; eos ends every completion
@@ -318,7 +318,8 @@ def warm_start(preset: str = DEFAULT_PRESET, tasks: str | list[str] = _D["tasks"
                weight_decay: float = 0.0, group_by_length: bool = False, sub_batches: bool = True,
                device: str = "cpu",
                num_threads: int | None = 2,
-               cache_dir: Path | str | None = None, force: bool = False, progress: bool = True) -> Path:
+               cache_dir: Path | str | None = None, force: bool = False, progress: bool = True,
+               build: bool = True) -> Path:
     "The folder of `preset` fine-tuned on reasoning traces: trained and cached on first use, read from cache after."
     if preset not in MODEL_PRESETS:
         raise ValueError(f"preset: unknown model preset {preset!r}; allowed: {sorted(MODEL_PRESETS)}")
@@ -336,8 +337,8 @@ def warm_start(preset: str = DEFAULT_PRESET, tasks: str | list[str] = _D["tasks"
                   num_threads=num_threads)  # threads change the float summation order, hence the model
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder = cache_dir / f"{preset}-{config_hash(config)}"
-    if (folder / "provenance.json").exists() and not force:
-        return folder  # a cache hit: written whole, by the rename below
+    if not build or ((folder / "provenance.json").exists() and not force):
+        return folder  # a cache hit (written whole, by the rename below), or only its name was asked for
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
     try:
@@ -450,6 +451,16 @@ def _dtype(dtype) -> torch.dtype | None:
     if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
         return getattr(torch, dtype)
     raise ValueError(f"dtype: must be None, a torch.dtype or a name such as 'float32', 'bfloat16', got {dtype!r}")
+
+
+def model_source(spec: str) -> Path | None:
+    "The local folder `spec` loads from, without building anything (None for a random-init preset or a hub id)."
+    kind = check_model_spec(spec)
+    if kind == "folder":
+        return Path(spec)
+    if kind == "warm":  # the folder's name hashes the warm start's whole config: a new recipe, a new name
+        return warm_start(spec[: -len(WARM_SUFFIX)], **WARM_START_DEFAULTS, build=False)
+    return smollm2_gguf().parent if kind == "smollm2" else None
 
 
 def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "auto", dtype=None):

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -24,7 +25,8 @@ import yaml
 __all__ = ['PACKAGES', 'EVAL_MODES', 'project_root', 'relative_to_root', 'git_state', 'hardware', 'package_versions',
            'provenance', 'write_json', 'run_is_complete', 'prepare_run_dir', 'profile_path', 'load_profile',
            'config_hash', 'run_name', 'RunSpec', 'expand_sweep', 'run_train_notebook', 'check_train_parameters',
-           'evaluate_run', 'finish_run', 'run_sweep', 'collect_runs']
+           'evaluate_run', 'finish_run', 'recorded_base_model', 'current_base_model', 'set_aside', 'run_sweep',
+           'collect_runs']
 
 # %% ../nbs/08_experiment.ipynb #bc0a7a60
 def project_root(start: Path | str | None = None) -> Path:
@@ -333,6 +335,32 @@ def finish_run(run_dir: Path | str, config, params: dict, evaluation: dict, wall
     return write_json(run_dir / "eval.json", {**evaluation, "provenance": record})
 
 # %% ../nbs/08_experiment.ipynb #cd8e2002
+def recorded_base_model(run_dir: Path | str) -> str | None:
+    "The name of the base-model folder a complete run started from (None when it recorded none, e.g. a hub id)."
+    evaluation = json.loads((Path(run_dir) / "eval.json").read_text())
+    folder = evaluation.get("provenance", {}).get("base_model_folder")
+    return Path(folder).name if folder else None
+
+
+def current_base_model(spec: str) -> str | None:
+    "The name of the folder a warm-started spec resolves to now, without building it (None for other specs)."
+    from motg.base import check_model_spec, model_source
+    try:
+        return model_source(spec).name if check_model_spec(spec) == "warm" else None
+    except (ValueError, RuntimeError):  # an unusable spec: the run itself fails with the message
+        return None
+
+
+def set_aside(run_dir: Path, runs_dir: Path, tag: str) -> Path:
+    "Move a run folder to `<runs_dir>-stale/<name>.<tag>` (a fresh suffix if taken); returns where it went."
+    stale = runs_dir.with_name(runs_dir.name + "-stale")
+    stale.mkdir(parents=True, exist_ok=True)
+    target = stale / f"{run_dir.name}.{tag}"
+    if target.exists():
+        target = stale / f"{run_dir.name}.{tag}.{uuid.uuid4().hex[:8]}"
+    return Path(shutil.move(str(run_dir), str(target)))
+
+
 def run_sweep(runs: list[RunSpec], runs_dir: Path | str, jobs: int = 1, threads: int | None = None,
               progress: bool = True) -> list[dict]:
     "Execute every incomplete run of `runs` into `runs_dir/<name>` (`jobs` in parallel); returns one status per run."
@@ -340,18 +368,24 @@ def run_sweep(runs: list[RunSpec], runs_dir: Path | str, jobs: int = 1, threads:
     from tqdm.auto import tqdm
     runs_dir = Path(runs_dir)
     _check_nonneg_int("jobs", jobs, 1)
+    specs = {run.params.get("model") for run in runs} - {None}
+    now = {spec: current_base_model(spec) for spec in specs}  # once per spec, before any run starts
 
     def one(run: RunSpec) -> dict:
-        folder, t0 = runs_dir / run.name, time.time()
+        folder, t0, note = runs_dir / run.name, time.time(), ""
         if run_is_complete(folder):
-            return {"run": run.name, "status": "complete", "seconds": 0.0}
+            then, current = recorded_base_model(folder), now.get(run.params.get("model"))
+            if then is None or current is None or then == current:
+                return {"run": run.name, "status": "complete", "seconds": 0.0, "note": note}
+            aside = set_aside(folder, runs_dir, then)
+            note = f"base model {then} is now {current}: the old run was moved to {relative_to_root(aside)}"
         params = {**run.params, **({"num_threads": threads} if threads else {})}
         try:
             run_train_notebook(params, folder)
-            return {"run": run.name, "status": "ran", "seconds": time.time() - t0}
+            return {"run": run.name, "status": "ran", "seconds": time.time() - t0, "note": note}
         except Exception as error:  # one failed run must not stop the sweep; it is reported and retried next time
             return {"run": run.name, "status": f"failed: {type(error).__name__}: {str(error)[-300:]}",
-                    "seconds": time.time() - t0}
+                    "seconds": time.time() - t0, "note": note}
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         statuses = list(tqdm(pool.map(one, runs), total=len(runs), disable=not progress, desc="runs"))

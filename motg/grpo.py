@@ -465,7 +465,7 @@ def train(config: TrainConfig, out_dir: Path | str, resume: bool = False, overwr
     from accelerate import Accelerator
     from tqdm.auto import tqdm
     from motg.base import load_model
-    from motg.experiment import prepare_run_dir, provenance, write_json
+    from motg.experiment import prepare_run_dir, provenance, relative_to_root, write_json
     from motg.mixture import make_mixer
     from motg.rollout import generate, sequence_logps
     from motg.tasks import load_task, reward, score, with_prompts
@@ -494,7 +494,9 @@ def train(config: TrainConfig, out_dir: Path | str, resume: bool = False, overwr
 
     # Model, reference, mixer, data, optimizer, schedule
     model, tokenizer = load_model(config.model, device=accelerator.device)
-    base_model_folder = str(getattr(model, "name_or_path", "") or config.model)  # a preset resolves to its cache folder
+    base_model_folder = getattr(model, "name_or_path", "") or config.model  # a warm preset: its cache folder
+    if Path(base_model_folder).is_dir():
+        base_model_folder = relative_to_root(base_model_folder)  # results never store absolute paths
     model = model.eval()
     reference = None
     if config.beta > 0:

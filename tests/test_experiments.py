@@ -135,3 +135,34 @@ def test_evaluate_run_prompts_a_chat_model_as_training_did(tmp_path, monkeypatch
     assert prompts == test | ood  # the training mixer, the grid, the analyses and the OOD tasks: chat prompts only
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert samples and all(sample["prompt"] in test for sample in samples)
+
+
+def test_sweep_reruns_a_run_whose_base_model_changed_and_keeps_the_old_one(tmp_path, monkeypatch):
+    """A warm-started spec names a recipe: when the folder it resolves to changes, completed runs are redone."""
+    import motg.experiment as ex
+
+    def fake_run(params, folder):  # stands in for papermill: a complete run that started from today's base model
+        folder.mkdir(parents=True)
+        ex.write_json(folder / "eval.json", {"records": [], "provenance": {"base_model_folder": f"data/{today[0]}"}})
+    today = ["tiny-1m-new"]
+    monkeypatch.setattr(ex, "run_train_notebook", fake_run)
+    monkeypatch.setattr(ex, "current_base_model", lambda spec: today[0] if spec == "tiny-1m-warm" else None)
+    runs = [ex.RunSpec("a", {"model": "tiny-1m-warm"}), ex.RunSpec("b", {"model": "some/folder"})]
+    runs_dir = tmp_path / "runs"
+    assert [s["status"] for s in ex.run_sweep(runs, runs_dir, progress=False)] == ["ran", "ran"]
+    assert [s["status"] for s in ex.run_sweep(runs, runs_dir, progress=False)] == ["complete", "complete"]
+    today[0] = "tiny-1m-newer"  # the warm-start recipe changed
+    statuses = ex.run_sweep(runs, runs_dir, progress=False)
+    assert [s["status"] for s in statuses] == ["ran", "complete"]
+    assert "tiny-1m-new is now tiny-1m-newer" in statuses[0]["note"]
+    kept = tmp_path / "runs-stale" / "a.tiny-1m-new" / "eval.json"
+    assert json.loads(kept.read_text())["provenance"]["base_model_folder"] == "data/tiny-1m-new"  # nothing lost
+    assert ex.recorded_base_model(runs_dir / "a") == "tiny-1m-newer"
+
+
+def test_current_base_model_names_the_warm_folder_without_building_it():
+    from motg.base import WARM_START_DEFAULTS, warm_start
+    from motg.experiment import current_base_model
+    name = current_base_model("tiny-1m-warm")
+    assert name == warm_start("tiny-1m", **WARM_START_DEFAULTS, build=False).name and name.startswith("tiny-1m-")
+    assert current_base_model("tiny-1m") is None and current_base_model("no such model") is None
