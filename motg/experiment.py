@@ -343,12 +343,13 @@ def recorded_base_model(run_dir: Path | str) -> str | None:
 
 
 def current_base_model(spec: str) -> str | None:
-    "The name of the folder a warm-started spec resolves to now, without building it (None for other specs)."
-    from motg.base import check_model_spec, model_source
+    "The name of the folder `spec` resolves to now, without building it (None without a local folder, e.g. a hub id)."
+    from motg.base import model_source
     try:
-        return model_source(spec).name if check_model_spec(spec) == "warm" else None
+        source = model_source(spec)  # only a warm-started preset's name can change: it hashes the recipe
     except (ValueError, RuntimeError):  # an unusable spec: the run itself fails with the message
         return None
+    return source.name if source else None
 
 
 def set_aside(run_dir: Path, runs_dir: Path, tag: str) -> Path:
