@@ -5,6 +5,8 @@
 # %% ../nbs/07_analysis.ipynb #fc8f1801
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -13,10 +15,14 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from .mixture import check_choice
+
 # %% auto #0
-__all__ = ['shannon_entropy', 'next_token_entropy', 'hidden_softmax_entropy', 'effective_tokens', 'ngrams', 'distinct_n',
-           'distinct_fraction', 'thinking_tokens', 'step_frame', 'group_diversity', 'diversity_records', 'read_tidy',
-           'check_columns', 'markdown_table', 'profile', 'plot_entropy_profile', 'plot_diversity', 'plot_pass_at_k']
+__all__ = ['MIXER_COLORS', 'MIXER_ORDER', 'PROBLEM_COLUMNS', 'shannon_entropy', 'next_token_entropy', 'hidden_softmax_entropy',
+           'effective_tokens', 'ngrams', 'distinct_n', 'distinct_fraction', 'thinking_tokens', 'step_frame',
+           'group_diversity', 'diversity_records', 'mixer_order', 'mixer_palette', 'read_tidy', 'check_columns',
+           'markdown_table', 't_quantile', 'paired_ci', 'per_problem', 'paired_differences', 'verdict', 'compare_arms',
+           'format_difference', 'markdown_cells', 'profile', 'plot_entropy_profile', 'plot_diversity', 'plot_pass_at_k']
 
 # %% ../nbs/07_analysis.ipynb #57bed020
 def shannon_entropy(probs: Tensor, dim: int = -1) -> Tensor:
@@ -75,7 +81,7 @@ def thinking_tokens(rollout) -> list[list[int]]:
     return [row[keep].tolist() for row, keep in zip(tokens, mask)]
 
 
-def _effective_tokens_per_step(rollout, model=None) -> Tensor:
+def _effective_tokens_per_step(rollout, model=None, chunk: int = 1024) -> Tensor:
     "exp H(w) per step `[B, T]`: from the stored weights, or from `softmax(lm_head(hidden)/τ)` for vector mixers."
     mixer = rollout.mixer
     if not mixer.uses_vector:
@@ -85,9 +91,13 @@ def _effective_tokens_per_step(rollout, model=None) -> Tensor:
                          "rollout generated with keep_hidden=True) to compute effective_tokens from the logits")
     from motg.rollout import resolve_model
     lm_head = resolve_model(model)[1].model.get_output_embeddings()
-    with torch.no_grad():
-        logits = lm_head(rollout.hidden.to(lm_head.weight.dtype))
-    return torch.exp(next_token_entropy(logits, getattr(mixer, "temperature", 1.0)))
+    hidden = rollout.hidden.reshape(-1, rollout.hidden.shape[-1])
+    entropy = torch.empty(hidden.shape[0], device=hidden.device)
+    with torch.no_grad():  # `chunk` positions at a time: never the whole [B, T, V] logits (≈50 GB at paper size)
+        for start in range(0, hidden.shape[0], chunk):
+            logits = lm_head(hidden[start:start + chunk].to(lm_head.weight.dtype))
+            entropy[start:start + chunk] = next_token_entropy(logits, getattr(mixer, "temperature", 1.0))
+    return torch.exp(entropy).reshape(rollout.hidden.shape[:-1])
 
 
 def step_frame(rollout, group_size: int = 1, model=None, labels: dict | None = None) -> pd.DataFrame:
@@ -133,6 +143,27 @@ def diversity_records(rollout, group_size: int, ns: Sequence[int] = (1, 2, 3), m
         records += [{**(labels or {}), "prompt": prompt, "metric": name, "value": value}
                     for name, value in metrics.items()]
     return records
+
+# %% ../nbs/07_analysis.ipynb #b5143d52
+MIXER_COLORS = {"hard": "#4d4d4d", "dirichlet": "#1f77b4", "different_tokens": "#ff7f0e", "soft": "#2ca02c",
+                "fuzzy": "#d62728", "multiplex": "#e377c2", "gumbel_soft": "#17becf", "soft_thinking": "#9467bd",
+                "mixture_of_inputs": "#8c564b"}
+MIXER_ORDER = tuple(MIXER_COLORS)  # hard first: the yardstick every mixture is compared with
+
+
+def mixer_order(names: Iterable[str]) -> list[str]:
+    "The distinct `names` in `MIXER_ORDER`; names it lacks come last, in order of first appearance."
+    names = list(dict.fromkeys(names))
+    rank = {name: i for i, name in enumerate(MIXER_ORDER)}
+    return sorted(names, key=lambda name: (rank.get(name, len(rank)), names.index(name)))
+
+
+def mixer_palette(names: Iterable[str]) -> dict[str, str]:
+    "A colour per mixer name, in `mixer_order`: `MIXER_COLORS`, else a fixed spare colour chosen by the name."
+    spare = ["#7f7f7f", "#bcbd22", "#aec7e8", "#ffbb78", "#98df8a", "#c5b0d5"]
+    ordered = mixer_order(names)
+    return {name: MIXER_COLORS.get(name) or spare[int(hashlib.sha256(name.encode()).hexdigest(), 16) % len(spare)]
+            for name in ordered}
 
 # %% ../nbs/07_analysis.ipynb #9c0ea527
 def read_tidy(source: pd.DataFrame | str | Path | list[dict]) -> pd.DataFrame:
@@ -185,6 +216,155 @@ def markdown_table(source, index: str | list[str], columns: str, value: str = "v
         lines.append("| " + " | ".join([*map(str, key), *row.tolist()]) + " |")
     return "\n".join(lines) + "\n"
 
+# %% ../nbs/07_analysis.ipynb #5ffaf16a
+def t_quantile(q: float, df: float) -> float:
+    "The `q` quantile of Student's t with `df` > 0 (possibly fractional) degrees of freedom."
+    if not (isinstance(q, (int, float)) and 0 < q < 1 and isinstance(df, (int, float)) and df > 0):
+        raise ValueError(f"q, df: need 0 < q < 1 and df > 0, got q={q!r}, df={df!r}")
+    if q < 0.5:
+        return -t_quantile(1 - q, df)
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    upper = 8.0
+    while True:  # the CDF on [0, upper] by the trapezoid rule on a fine grid, widened until it passes q
+        x = np.linspace(0.0, upper, 20001)
+        density = np.exp(log_norm - (df + 1) / 2 * np.log1p(x * x / df))
+        cdf = 0.5 + np.concatenate([[0.0], np.cumsum((density[1:] + density[:-1]) / 2) * (x[1] - x[0])])
+        if cdf[-1] >= q:
+            return float(np.interp(q, cdf, x))
+        upper *= 4
+
+# %% ../nbs/07_analysis.ipynb #fabae9be
+def _two_way_variance(d: np.ndarray) -> tuple[float, float]:
+    "Var of the grand mean of `d` [seeds, problems] under crossed random effects, and its Satterthwaite df."
+    S, P = d.shape
+    mean, seed_means, problem_means = d.mean(), d.mean(1), d.mean(0)
+    ms_seed = P * ((seed_means - mean) ** 2).sum() / (S - 1)
+    ms_problem = S * ((problem_means - mean) ** 2).sum() / (P - 1)
+    residual = d - seed_means[:, None] - problem_means[None, :] + mean
+    ms_error = (residual ** 2).sum() / ((S - 1) * (P - 1))
+    combined = ms_seed + ms_problem - ms_error  # expectation: S·P·Var(mean) = σ_e² + P·σ_a² + S·σ_b²
+    if combined <= max(ms_seed, ms_problem):  # below a one-way bound (each estimates ≤ the truth): use that bound
+        return (ms_seed / (S * P), S - 1) if ms_seed >= ms_problem else (ms_problem / (S * P), P - 1)
+    terms = ms_seed ** 2 / (S - 1) + ms_problem ** 2 / (P - 1) + ms_error ** 2 / ((S - 1) * (P - 1))
+    return combined / (S * P), combined ** 2 / terms
+
+
+def paired_ci(differences, level: float = 0.95, method: str = "auto") -> dict:
+    "The mean of paired differences `[seeds, problems]` with its CI: `two_way`, `seeds` or `problems` (see above)."
+    d = np.asarray(differences, dtype=float)
+    if d.ndim != 2 or d.shape[0] < 1 or d.shape[1] < 2 or np.isnan(d).any():
+        raise ValueError(f"differences: must be a [seeds, problems] array without NaN and with >= 2 problems; "
+                         f"got shape {d.shape}")
+    if not (isinstance(level, float) and 0 < level < 1):
+        raise ValueError(f"level: must be a float in (0, 1), got {level!r}")
+    check_choice("method", method, ("auto", "two_way", "seeds", "problems"))
+    S, P = d.shape
+    method = ("two_way" if S >= 2 else "problems") if method == "auto" else method
+    if method in ("two_way", "seeds") and S < 2:
+        raise ValueError(f"method: {method!r} needs >= 2 seeds, got {S}; use 'problems' (or 'auto')")
+    if method == "seeds":  # the per-seed mean differences are the S observations
+        variance, df = d.mean(1).var(ddof=1) / S, S - 1
+    elif method == "problems":  # the per-problem mean differences (over seeds) are the P observations
+        variance, df = d.mean(0).var(ddof=1) / P, P - 1
+    else:
+        variance, df = _two_way_variance(d)
+    mean = float(d.mean())
+    half = t_quantile(0.5 + level / 2, df) * math.sqrt(variance) if variance > 0 else 0.0
+    return {"estimate": mean, "low": mean - half, "high": mean + half, "se": math.sqrt(variance), "df": float(df),
+            "method": method, "n_seeds": S, "n_problems": P, "level": level}
+
+# %% ../nbs/07_analysis.ipynb #8df5f934
+PROBLEM_COLUMNS = ("run", "train_task", "train_mixer", "seed", "when", "inference", "decoding", "problem", "sample",
+                   "correct")
+
+
+def per_problem(problems, metric: str = "pass@1") -> pd.DataFrame:
+    "One row per run, evaluation and problem, `value` = its pass@k over its samples (pass@1: the fraction correct)."
+    from motg.evaluate import pass_at_k
+    df = read_tidy(problems)
+    check_columns(df, PROBLEM_COLUMNS, "problems")
+    if not (isinstance(metric, str) and metric.startswith("pass@") and metric[5:].isdigit() and int(metric[5:]) >= 1):
+        raise ValueError(f"metric: must be 'pass@k' with an integer k >= 1, got {metric!r}")
+    k = int(metric[5:])
+    keys = [c for c in PROBLEM_COLUMNS if c not in ("sample", "correct")]
+    grouped = df.assign(correct=df["correct"].astype(bool).astype(int)).groupby(keys, sort=False)["correct"].agg(
+        n="count", c="sum").reset_index()
+    if (grouped["n"] < k).any():
+        raise ValueError(f"metric: {metric} needs >= {k} samples per problem; some have {grouped['n'].min()}")
+    grouped["value"] = pass_at_k(grouped["n"].to_numpy(), grouped["c"].to_numpy(), k)
+    return grouped.drop(columns=["n", "c"])
+
+# %% ../nbs/07_analysis.ipynb #7012b772
+def _arm(frame: pd.DataFrame, arm: dict, name: str) -> pd.DataFrame:
+    "The [seed, problem] table of one arm's per-problem values; the arm must select one row per seed and problem."
+    if not isinstance(arm, dict) or not arm:
+        raise ValueError(f"{name}: must be a non-empty dict of column values, got {arm!r}")
+    check_columns(frame, arm, name)
+    part = frame.loc[np.logical_and.reduce([frame[c] == v for c, v in arm.items()])]
+    clashes = part.duplicated(["seed", "problem"])
+    if clashes.any():
+        varying = [c for c in frame.columns if c not in ("value", "problem", "seed") and part[c].nunique() > 1]
+        raise ValueError(f"{name}: {arm} selects several rows per seed and problem; they differ in {varying}")
+    return part.pivot(index="seed", columns="problem", values="value")
+
+
+def paired_differences(frame: pd.DataFrame, arm_a: dict, arm_b: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    "Per-problem values of `arm_a` and `arm_b` (`per_problem` rows) on the seeds and problems both have: `(a, b, a − b)`."
+    a, b = _arm(frame, arm_a, "arm_a"), _arm(frame, arm_b, "arm_b")
+    seeds = sorted(set(a.index) & set(b.index))
+    a, b = a.reindex(seeds), b.reindex(seeds)
+    problems = [p for p in a.columns if p in b.columns and a[p].notna().all() and b[p].notna().all()]
+    if not seeds or len(problems) < 2:
+        raise ValueError(f"arm_a, arm_b: share {len(seeds)} seed(s) and {len(problems)} problem(s); a comparison "
+                         "needs >= 1 seed and >= 2 problems that both arms evaluated")
+    a, b = a[problems].to_numpy(), b[problems].to_numpy()
+    return a, b, a - b
+
+# %% ../nbs/07_analysis.ipynb #c52aa3f9
+def verdict(low: float, high: float) -> str:
+    "'higher' when the CI lies above 0, 'lower' when below, else 'inconclusive'."
+    return "higher" if low > 0 else "lower" if high < 0 else "inconclusive"
+
+
+def compare_arms(problems, arm_a: dict, arm_b: dict, metric: str = "pass@1", level: float = 0.95,
+                 method: str = "auto", labels: dict | None = None) -> list[dict]:
+    "Per training task (never pooled): the paired difference a − b of `metric`, its CI and verdict; one record each."
+    frame = problems if "value" in getattr(problems, "columns", ()) else per_problem(problems, metric)
+    records = []
+    for task, part in frame.groupby("train_task", sort=False):
+        try:
+            a, b, d = paired_differences(part, arm_a, arm_b)
+        except ValueError as error:
+            if "share 0 seed" in str(error) or "no rows" in str(error):
+                continue  # an arm absent from this task: no comparison here
+            raise
+        ci = paired_ci(d, level, method)
+        records.append({**(labels or {}), "train_task": task, "metric": metric, "a": float(a.mean()),
+                        "b": float(b.mean()), **ci, "verdict": verdict(ci["low"], ci["high"])})
+    return records
+
+
+def format_difference(record: dict, scale: float = 100, digits: int = 1) -> str:
+    "A paired difference as `+3.1 [-1.2, +7.4] inconclusive` (the word only when the CI includes 0)."
+    f = lambda x: f"{x * scale:+.{digits}f}"
+    word = " inconclusive" if record["low"] <= 0 <= record["high"] else ""
+    return f"{f(record['estimate'])} [{f(record['low'])}, {f(record['high'])}]{word}"
+
+# %% ../nbs/07_analysis.ipynb #2458fbf4
+def markdown_cells(frame: pd.DataFrame, index: str, columns: str, cell: str = "cell",
+                   index_order: Sequence | None = None, column_order: Sequence | None = None) -> str:
+    "A markdown table of the text in `cell`, `index` rows × `columns` columns ('–' where a pair is missing)."
+    check_columns(frame, [index, columns, cell], "frame")
+    if frame.duplicated([index, columns]).any():
+        raise ValueError(f"frame: several rows share an ({index}, {columns}) pair; one cell each is needed")
+    table = frame.pivot(index=index, columns=columns, values=cell)
+    rows = list(index_order) if index_order is not None else list(dict.fromkeys(frame[index]))
+    cols = list(column_order) if column_order is not None else list(dict.fromkeys(frame[columns]))
+    table = table.reindex(index=rows, columns=cols).fillna("–")
+    lines = ["| " + " | ".join([index, *map(str, cols)]) + " |", "|" + "---|" * (len(cols) + 1)]
+    lines += ["| " + " | ".join([str(key), *map(str, row.tolist())]) + " |" for key, row in table.iterrows()]
+    return "\n".join(lines) + "\n"
+
 # %% ../nbs/07_analysis.ipynb #2b3f2309
 def profile(source, value: str = "entropy", by: Sequence[str] = ("mixer",), position: str = "position",
             min_count: int = 1) -> pd.DataFrame:
@@ -201,59 +381,63 @@ def profile(source, value: str = "entropy", by: Sequence[str] = ("mixer",), posi
 # %% ../nbs/07_analysis.ipynb #38d00f82
 def plot_entropy_profile(source, hue: str = "mixer", col: str | None = None, ylabel: str = "entropy (nats)",
                          title: str | None = None):
-    "F2: the mean ± sem profile along thinking positions, one line per `hue`, one panel per `col`."
+    "F2: the mean profile along thinking positions with a ± sem band, one line per `hue` (mixer colours), one panel per `col`."
     import matplotlib.pyplot as plt
     import seaborn as sns
     df = read_tidy(source)
     check_columns(df, [hue, col, "position", "mean", "sem"])
     panels = [None] if col is None else list(dict.fromkeys(df[col]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False, sharey=True)
-    palette = dict(zip(dict.fromkeys(df[hue]), sns.color_palette(n_colors=df[hue].nunique())))
+    palette = mixer_palette(df[hue])
     for ax, panel in zip(axes[0], panels):
         part = df if panel is None else df[df[col] == panel]
-        for name, group in part.groupby(hue, sort=False):
-            group = group.sort_values("position")
+        for name in [n for n in palette if n in set(part[hue])]:
+            group = part[part[hue] == name].sort_values("position")
             ax.plot(group["position"], group["mean"], label=str(name), color=palette[name], lw=1.5)
             ax.fill_between(group["position"], group["mean"] - group["sem"].fillna(0),
                             group["mean"] + group["sem"].fillna(0), color=palette[name], alpha=0.25, lw=0)
         ax.set(xlabel="thinking position", title=None if panel is None else f"{col} = {panel}")
         sns.despine(ax=ax)
     axes[0][0].set_ylabel(ylabel)
-    axes[0][-1].legend(title=hue, frameon=False)
+    axes[0][-1].legend(title=f"{hue} (band: ± sem)", frameon=False)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     return fig
 
-
+# %% ../nbs/07_analysis.ipynb #147f508b
 def plot_diversity(source, x: str = "mixer", metric: str = "metric", value: str = "value",
                    metrics: Sequence[str] | None = None, title: str | None = None):
-    "F3: mean ± sem of each diversity `metric` (bars) per `x`, from per-prompt records."
+    "F3: bars of the mean of each diversity `metric`, one bar per `x` (mixer colours), with ± sem error bars."
     import matplotlib.pyplot as plt
     import seaborn as sns
     df = read_tidy(source)
     check_columns(df, [x, metric, value])
     if metrics is not None:
         df = df[df[metric].isin(metrics)]
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * df[x].nunique() * max(1, df[metric].nunique()) ** 0.5, 3.2))
-    sns.barplot(data=df, x=x, y=value, hue=metric, errorbar="se", ax=ax)
-    ax.set(ylabel="value", title=title)
+    palette = mixer_palette(df[x])
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * df[metric].nunique() * max(1, df[x].nunique()) ** 0.5, 3.2))
+    sns.barplot(data=df, x=metric, y=value, hue=x, hue_order=list(palette), palette=palette, errorbar="se", ax=ax)
+    ax.set(xlabel="", ylabel="mean (error bar: ± sem)", title=title)
+    ax.legend(title=x, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
     sns.despine(ax=ax)
     fig.tight_layout()
     return fig
 
-
+# %% ../nbs/07_analysis.ipynb #5872f64f
 def plot_pass_at_k(source, hue: str = "mode", style: str | None = None, k: str = "k", value: str = "value",
                    title: str | None = None):
-    "pass@k against k (log2 axis), one line per `hue`; repeated rows (seeds) give a ± std band."
+    "pass@k against k (log2 axis), one line per `hue` (mixer colours); repeated rows (seeds) give a ± sd band."
     import matplotlib.pyplot as plt
     import seaborn as sns
     df = read_tidy(source)
     check_columns(df, [hue, style, k, value])
+    palette = mixer_palette(df[hue])
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    sns.lineplot(data=df, x=k, y=value, hue=hue, style=style, marker="o", errorbar="sd", ax=ax)
+    sns.lineplot(data=df, x=k, y=value, hue=hue, hue_order=list(palette), palette=palette, style=style,
+                 marker="o", errorbar="sd", ax=ax)
     ax.set_xscale("log", base=2)
-    ax.set(xlabel="k", ylabel="pass@k", title=title)
+    ax.set(xlabel="k", ylabel="pass@k (band: ± sd over seeds)", title=title)
     sns.despine(ax=ax)
     fig.tight_layout()
     return fig
