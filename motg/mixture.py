@@ -17,9 +17,9 @@ from torch import Tensor, nn
 
 # %% auto #0
 __all__ = ['OBJECTIVES', 'CENSOR', 'MIXERS', 'Mixture', 'embed', 'MixtureLM', 'Mixer', 'check_positive', 'check_k',
-           'check_in_range', 'check_choice', 'sample_categorical', 'Hard', 'sample_dirichlet', 'Dirichlet',
-           'set_log_prob', 'DifferentTokens', 'noise_scale', 'Soft', 'Fuzzy', 'SoftThinking', 'MixtureOfInputs',
-           'make_mixer', 'require_trainable']
+           'check_in_range', 'check_choice', 'check_generator', 'sample_categorical', 'Hard', 'sample_dirichlet',
+           'Dirichlet', 'set_log_prob', 'DifferentTokens', 'noise_scale', 'gaussian_log_density', 'Soft', 'Fuzzy',
+           'SoftThinking', 'MixtureOfInputs', 'make_mixer', 'require_trainable']
 
 # %% ../nbs/03_mixture.ipynb #1bba4ce5
 @dataclass
@@ -138,14 +138,28 @@ def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
         raise ValueError(f"{name}: must be one of {list(allowed)}, got {value!r}")
     return value
 
+
+def check_generator(generator: torch.Generator | None, device: torch.device) -> None:
+    "Raise a `ValueError` unless `generator` is None or on `device` (the logits'): torch draws on the generator's device."
+    if generator is None:
+        return
+    mine, theirs = torch.device(generator.device), torch.device(device)
+    if mine.type != theirs.type or (None not in (mine.index, theirs.index) and mine.index != theirs.index):
+        raise ValueError(f"generator: is on {mine}, the logits on {theirs}; pass "
+                         f"torch.Generator(device={str(theirs)!r}) (or None)")
+
 # %% ../nbs/03_mixture.ipynb #baa9b250
-def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    "One draw per row of `probs` `[..., n]` (non-negative, need not sum to 1), by inverting the CDF with one uniform."
+def sample_categorical(probs: Tensor, generator: torch.Generator | None = None,
+                       num_samples: int | None = None) -> Tensor:
+    "Draws from each row of `probs` `[..., n]` (need not sum to 1) by inverting the CDF: `[...]`, or `[..., num_samples]` independent ones."
     # torch.multinomial draws an exponential variate per entry: ~150 µs for [64, 102] on one CPU thread, a tenth of
-    # a tiny model's decoding step; one uniform per row costs a tenth of that. float64 cumsum: no drift over 150k ids.
+    # a tiny model's decoding step; one uniform per draw costs a tenth of that. float64 cumsum: no drift over 150k ids.
+    check_generator(generator, probs.device)
     cdf = probs.double().cumsum(-1)
-    u = torch.rand((*cdf.shape[:-1], 1), generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[..., -1:]
-    return (cdf <= u).sum(-1).clamp(max=probs.shape[-1] - 1)  # the first index whose CDF exceeds u
+    shape = (*cdf.shape[:-1], 1 if num_samples is None else num_samples)
+    u = torch.rand(shape, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[..., -1:]
+    draws = torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1)  # the first index whose CDF exceeds u
+    return draws.squeeze(-1) if num_samples is None else draws
 
 
 class Hard(Mixer):
@@ -194,6 +208,7 @@ def _check_mixture(mixer: Mixer, mixture: Mixture) -> None:
 # %% ../nbs/03_mixture.ipynb #e6f3e937
 def sample_dirichlet(alpha: Tensor, generator: torch.Generator | None = None) -> Tensor:
     "Dirichlet(`alpha`) weights `[..., k]` drawn with `generator`, in log space, floored at the smallest float32."
+    check_generator(generator, alpha.device)
     boosted = torch._standard_gamma(alpha + 1, generator=generator)  # Gamma(α+1) never underflows
     uniform = torch.rand(alpha.shape, generator=generator, device=alpha.device, dtype=alpha.dtype)
     log_gamma = boosted.clamp_min(_TINY).log() + uniform.log() / alpha  # log Gamma(α) = log Gamma(α+1) + log U / α
@@ -306,6 +321,7 @@ class DifferentTokens(Mixer):
 
     def _draw(self, logits: Tensor, generator: torch.Generator | None) -> tuple[Mixture, Tensor]:
         "The action and the scaled logits it was drawn from."
+        check_generator(generator, logits.device)
         check_k(self.k, logits.shape[-1])
         scaled = _as_float(logits) / self.temperature
         uniform = torch.rand(scaled.shape, generator=generator, device=scaled.device, dtype=scaled.dtype)
@@ -348,9 +364,14 @@ class DifferentTokens(Mixer):
 # %% ../nbs/03_mixture.ipynb #5abd0955
 def noise_scale(E: Tensor, sigma_scale: float = 0.33) -> float:
     "σ = `sigma_scale` · sqrt(mean(E²)): the Soft Tokens paper's noise std per coordinate (γ = 0.33)."
-    return sigma_scale * _as_float(E.detach()).pow(2).mean().sqrt().item()
+    return sigma_scale * _as_float(E.detach()).pow(2).mean().sqrt().item()  # once per mixer: float32 for the sum
 
 
+def gaussian_log_density(squared_distance: Tensor, sigma: float, dim: int) -> Tensor:
+    "log N(v; μ, σ²·I) in `dim` dimensions, from the squared distance ‖v − μ‖²."
+    return -squared_distance / (2 * sigma**2) - dim / 2 * math.log(2 * math.pi * sigma**2)
+
+# %% ../nbs/03_mixture.ipynb #a1c0de03
 class Soft(Mixer):
     "Soft tokens: the probability mixture of all token embeddings at `temperature`, plus Gaussian noise of std σ."
     name = "soft"
@@ -374,9 +395,14 @@ class Soft(Mixer):
             self.sigma = noise_scale(E, self.sigma_scale)
         return self.sigma
 
+    def _log_density_sigma(self, E: Tensor) -> float:
+        "σ, which must be > 0 for a log-density to exist."
+        if self.noise_std(E) == 0:
+            raise ValueError(f"sigma: {self.name!r} with sigma=0 is deterministic, inference only: it has no log_prob")
+        return self.sigma
+
     def mean(self, logits: Tensor, E: Tensor) -> Tensor:
-        "μ = softmax(logits/τ) @ E, shape `[..., d]`, in float32 (differentiable in both)."
-        E = _as_float(E)
+        "μ = softmax(logits/τ) @ E `[..., d]` in E's dtype: the softmax in float32, no float32 copy of E (differentiable)."
         return torch.softmax(_as_float(logits) / self.temperature, dim=-1).to(E.dtype) @ E
 
     def _action(self, vector: Tensor, logits: Tensor) -> Mixture:
@@ -385,38 +411,33 @@ class Soft(Mixer):
 
     @torch.no_grad()
     def sample(self, logits: Tensor, E: Tensor, generator: torch.Generator | None = None) -> Mixture:
-        mean = self.mean(logits, E)
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return self._action(mean + self.noise_std(E) * noise, logits)
+        return self.sample_with_log_prob(logits, E, generator, log_density=False)[0]
 
     @torch.no_grad()
-    def sample_with_log_prob(self, logits: Tensor, E: Tensor, generator: torch.Generator | None = None
-                             ) -> tuple[Mixture, Tensor]:
-        "One mixture matmul for both: the action's log-density depends only on the noise, x - μ = σ·ε."
-        if self.noise_std(E) == 0:
-            raise ValueError(f"sigma: {self.name!r} with sigma=0 is deterministic, inference only: it has no log_prob")
-        mean = self.mean(logits, E)
+    def sample_with_log_prob(self, logits: Tensor, E: Tensor, generator: torch.Generator | None = None,
+                             log_density: bool = True) -> tuple[Mixture, Tensor | None]:
+        "One mixture matmul for both: the action's log-density depends only on the noise, v − μ = σ·ε."
+        check_generator(generator, logits.device)
+        sigma = self._log_density_sigma(E) if log_density else self.noise_std(E)
+        mean = _as_float(self.mean(logits, E))
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        sigma = self.noise_std(E)
-        log_density = -noise.pow(2).sum(-1) / 2 - mean.shape[-1] / 2 * math.log(2 * math.pi * sigma**2)
-        return self._action(mean + sigma * noise, logits), log_density
+        action = self._action(mean + sigma * noise, logits)
+        return action, gaussian_log_density(sigma**2 * noise.pow(2).sum(-1), sigma, mean.shape[-1]) if log_density else None
 
     @torch.no_grad()
     def greedy(self, logits: Tensor, E: Tensor) -> Mixture:
-        return self._action(self.mean(logits, E), logits)
+        return self._action(_as_float(self.mean(logits, E)), logits)
 
     def log_prob(self, logits: Tensor, mixture: Mixture, E: Tensor) -> Tensor:
         _check_mixture(self, mixture)
         if mixture.vector is None:
             raise ValueError(f"mixture: {self.name!r} actions carry a vector; this mixture has vector=None")
-        sigma = self.noise_std(E)
-        if sigma == 0:
-            raise ValueError(f"sigma: {self.name!r} with sigma=0 is deterministic, inference only: it has no log_prob")
-        mean = self.mean(logits, E)
+        sigma = self._log_density_sigma(E)
+        mean = _as_float(self.mean(logits, E))
         squared = (mixture.vector.to(mean.dtype) - mean).pow(2).sum(-1)
-        return -squared / (2 * sigma**2) - mean.shape[-1] / 2 * math.log(2 * math.pi * sigma**2)
+        return gaussian_log_density(squared, sigma, mean.shape[-1])
 
-
+# %% ../nbs/03_mixture.ipynb #a1c0de05
 class Fuzzy(Soft):
     "Fuzzy tokens: soft tokens at temperature 1e-4, i.e. the argmax token's embedding plus Gaussian noise."
     name = "fuzzy"
@@ -450,7 +471,8 @@ class SoftThinking(Mixer):
         return Mixture(ids, (weights / weights.sum(-1, keepdim=True)).float(), None, ids[..., 0])
 
     def sample(self, logits: Tensor, E: Tensor, generator: torch.Generator | None = None) -> Mixture:
-        return self.greedy(logits, E)  # deterministic: the generator is not used
+        check_generator(generator, logits.device)  # not used (deterministic), but held to the same contract
+        return self.greedy(logits, E)
 
     def log_prob(self, logits: Tensor, mixture: Mixture, E: Tensor) -> Tensor:
         raise ValueError(f"mixer: {self.name!r} is inference only (deterministic, training-free): it has no log_prob")
