@@ -5,16 +5,19 @@
 # %% ../nbs/06_evaluate.ipynb #1ff03ab7
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from .mixture import MIXERS, check_choice
+
 # %% auto #0
-__all__ = ['MODES', 'FULL_CREDIT', 'MODE_LETTERS', 'GRID_COLUMNS', 'THINK_END', 'ANSWER_OPEN', 'pass_at_k', 'sample_records',
-           'summarise_samples', 'evaluate', 'setting_name', 'inference_grid', 'grid_columns', 'answer_context',
-           'answer_nll', 'ood_scores']
+__all__ = ['MODES', 'FULL_CREDIT', 'MODE_LETTERS', 'GRID_COLUMNS', 'THINK_END', 'ANSWER_OPEN', 'pass_at_k', 'problem_id',
+           'sample_records', 'summarise_samples', 'evaluate', 'setting_name', 'inference_grid', 'grid_columns',
+           'answer_context', 'answer_nll', 'ood_scores']
 
 # %% ../nbs/06_evaluate.ipynb #a4988b5a
 def pass_at_k(n, c, k: int):
@@ -36,7 +39,7 @@ def pass_at_k(n, c, k: int):
     return float(result) if result.ndim == 0 else result
 
 # %% ../nbs/06_evaluate.ipynb #74799beb
-MODES = ("hard", "dirichlet", "different_tokens", "soft", "fuzzy", "soft_thinking", "mixture_of_inputs")
+MODES = tuple(MIXERS)  # every registered mixer is an inference mode (motg.mixture.MIXERS)
 FULL_CREDIT = 1.0 - 1e-6  # a sample is correct when its score reaches 1 (up to float rounding)
 
 
@@ -46,10 +49,10 @@ def _check_int(name: str, value, low: int) -> int:
     return int(value)
 
 
-def _check_choice(name: str, value, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name}: must be one of {list(allowed)}, got {value!r}")
-    return value
+def problem_id(row: dict) -> str:
+    "A stable id of a problem: a hash of its task and question (the prompt when it has none), the same in every run."
+    text = f"{row.get('task', '')}\n{row['question'] if row.get('question') is not None else row['prompt']}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _as_rows(rows) -> list[dict]:
@@ -77,7 +80,7 @@ def _device(model) -> torch.device:
 
 # %% ../nbs/06_evaluate.ipynb #ed9e6df0
 def sample_records(model, tokenizer, rows, mode: str = "hard", *, n_samples: int = 1, greedy: bool = False,
-                   answer: str = "greedy", max_new_tokens: int = 256, max_think_tokens: int | None = None,
+                   answer: str = "greedy", answer_temperature: float = 1.0, max_new_tokens: int = 256, max_think_tokens: int | None = None,
                    think_end: str = "token", seed: int = 0, batch_size: int = 64,
                    scorer: Callable[[str, dict], float] | None = None, prompt_style: str | None = None,
                    **mixer_params) -> list[dict]:
@@ -87,8 +90,8 @@ def sample_records(model, tokenizer, rows, mode: str = "hard", *, n_samples: int
     if scorer is None:
         from motg.tasks import score as scorer  # Reasoning-Gym's score of the extracted answer, in [0, 1]
 
-    _check_choice("mode", mode, MODES)
-    _check_choice("answer", answer, ("greedy", "sample"))
+    check_choice("mode", mode, MODES)
+    check_choice("answer", answer, ("greedy", "sample"))
     n_samples = _check_int("n_samples", n_samples, 1)
     max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
     batch_size = _check_int("batch_size", batch_size, 1)
@@ -102,13 +105,15 @@ def sample_records(model, tokenizer, rows, mode: str = "hard", *, n_samples: int
         batch = jobs[start:start + batch_size]
         rollout = generate(model, tokenizer, [rows[p]["prompt"] for p, _ in batch], mixer, max_new_tokens,
                            generator=generator, greedy=greedy, answer="greedy" if greedy else answer,
+                           answer_temperature=answer_temperature,
                            think_end=think_end, max_think_tokens=max_think_tokens)
         completion_tokens = rollout.completion_mask.sum(-1).tolist()
         think_tokens = rollout.think_mask.sum(-1).tolist()
         for i, (problem, sample) in enumerate(batch):
             row, text = rows[problem], rollout.text[i]
             value = float(scorer(text, row))
-            records.append({"problem": problem, "task": row.get("task", "unknown"), "sample": sample,
+            records.append({"problem": problem, "problem_id": problem_id(row), "task": row.get("task", "unknown"),
+                            "sample": sample,
                             "decoding": "greedy" if greedy else "sample", "completion": text, "score": value,
                             "correct": value >= FULL_CREDIT, "completion_tokens": int(completion_tokens[i]),
                             "think_tokens": int(think_tokens[i])})
@@ -143,11 +148,11 @@ def summarise_samples(samples: list[dict], ks: Sequence[int] = (1,), **labels) -
 # %% ../nbs/06_evaluate.ipynb #e0450832
 def evaluate(model, tokenizer, rows, mode: str = "hard", *, n_samples: int = 32, greedy: bool = True,
              ks: Sequence[int] = (1, 32), max_new_tokens: int = 256, max_think_tokens: int | None = None,
-             answer: str = "greedy", think_end: str = "token", seed: int = 0, batch_size: int = 64,
+             answer: str = "greedy", answer_temperature: float = 1.0, think_end: str = "token", seed: int = 0, batch_size: int = 64,
              scorer: Callable[[str, dict], float] | None = None, labels: dict | None = None,
              prompt_style: str | None = None, **mixer_params) -> list[dict]:
     "Greedy accuracy and sampled pass@k (per task and overall) of `model` in inference `mode`: tidy records."
-    _check_choice("mode", mode, MODES)
+    check_choice("mode", mode, MODES)
     n_samples = _check_int("n_samples", n_samples, 0)
     ks = [_check_int("ks", k, 1) for k in (ks or ())]
     if n_samples and not ks:
@@ -157,7 +162,7 @@ def evaluate(model, tokenizer, rows, mode: str = "hard", *, n_samples: int = 32,
     if not greedy and not n_samples:
         raise ValueError("n_samples: is 0 and greedy is False, so there is nothing to evaluate")
     rows = _with_prompts(_as_rows(rows), prompt_style, tokenizer)  # once, for the greedy and the sampled decodes
-    common = dict(answer=answer, max_new_tokens=max_new_tokens, max_think_tokens=max_think_tokens,
+    common = dict(answer=answer, answer_temperature=answer_temperature, max_new_tokens=max_new_tokens, max_think_tokens=max_think_tokens,
                   think_end=think_end, seed=seed, batch_size=batch_size, scorer=scorer, **mixer_params)
     samples = []
     if greedy:
@@ -175,8 +180,8 @@ GRID_COLUMNS = ["HG", "HS", "HS32", "FG", "FS", "FS32", "SG", "SS", "SS32"]  # S
 
 def setting_name(mode: str, decoding: str, k: int = 1) -> str:
     "The paper's column name of an inference setting: `HG`, `HS`, `HS32`, `FG`, … (`k` > 1 only when sampled)."
-    _check_choice("mode", mode, MODES)
-    _check_choice("decoding", decoding, ("greedy", "sample"))
+    check_choice("mode", mode, MODES)
+    check_choice("decoding", decoding, ("greedy", "sample"))
     if decoding == "greedy":
         if k != 1:
             raise ValueError(f"k: greedy decoding has one sample, so only k=1 is defined, got {k!r}")
@@ -188,7 +193,7 @@ def inference_grid(model, tokenizer, rows, modes: Sequence[str] = ("hard", "fuzz
                    n_samples: int = 32, ks: Sequence[int] = (1, 32), mixer_params: dict[str, dict] | None = None,
                    labels: dict | None = None, **evaluate_kwargs) -> list[dict]:
     "`evaluate` in every inference mode of `modes` (greedy and sampled); pass@k records get the paper's `setting`."
-    modes = [_check_choice("modes", m, MODES) for m in modes]
+    modes = [check_choice("modes", m, MODES) for m in modes]
     mixer_params = mixer_params or {}
     unknown = sorted(set(mixer_params) - set(modes))
     if unknown:
@@ -207,13 +212,25 @@ def grid_columns(modes: Sequence[str] = ("hard", "fuzzy", "soft"), ks: Sequence[
     return [name for mode in modes for name in
             [setting_name(mode, "greedy")] + [setting_name(mode, "sample", k) for k in sorted(ks)]]
 
+# %% ../nbs/06_evaluate.ipynb #d4b8ee9b
+def _answer_nll_batch(lm, ids: torch.Tensor, attention: torch.Tensor, scored: torch.Tensor, chunk: int) -> torch.Tensor:
+    "Per-row mean NLL of the `scored` tokens of `ids`, each from the hidden state before it, `chunk` positions at a time."
+    hidden = lm.get_decoder()(input_ids=ids, attention_mask=attention).last_hidden_state  # [B, T, d]: no logits yet
+    head = lm.get_output_embeddings()
+    rows, positions = scored[:, 1:].nonzero(as_tuple=True)  # token t + 1 is predicted from position t
+    targets = ids[rows, positions + 1]
+    logp = torch.cat([torch.log_softmax(head(hidden[rows[s:s + chunk], positions[s:s + chunk]]).float(), -1)
+                      .gather(-1, targets[s:s + chunk, None]).squeeze(-1) for s in range(0, len(rows), chunk)])
+    total = torch.zeros(ids.shape[0], device=ids.device).index_add_(0, rows, -logp)
+    return total / scored.sum(-1)
+
 # %% ../nbs/06_evaluate.ipynb #6198582c
 THINK_END, ANSWER_OPEN = "</think>", "<answer>"
 
 
 def answer_context(row: dict, context: str = "prompt") -> str:
     "The text the gold answer is scored after: the prompt (or prompt + gold trace) and a forced `</think><answer>`."
-    _check_choice("context", context, ("prompt", "trace"))
+    check_choice("context", context, ("prompt", "trace"))
     if context == "trace":
         if not row.get("trace"):
             raise ValueError("context: 'trace' needs rows with a gold reasoning 'trace'")
@@ -223,12 +240,13 @@ def answer_context(row: dict, context: str = "prompt") -> str:
 
 @torch.no_grad()
 def answer_nll(model, tokenizer, rows, *, context: str = "prompt", batch_size: int = 32,
-               reduction: str = "mean") -> float | list[float]:
+               reduction: str = "mean", chunk: int = 1024) -> float | list[float]:
     "Per-token NLL (nats) of each row's gold answer after its `answer_context`; the mean over rows, or one per row."
     from motg.rollout import resolve_model
-    _check_choice("context", context, ("prompt", "trace"))
-    _check_choice("reduction", reduction, ("mean", "none"))
+    check_choice("context", context, ("prompt", "trace"))
+    check_choice("reduction", reduction, ("mean", "none"))
     batch_size = _check_int("batch_size", batch_size, 1)
+    chunk = _check_int("chunk", chunk, 1)
     rows = _as_rows(rows)
     lm = resolve_model(model)[1].model  # the plain causal LM: answers are ordinary tokens
     device = _device(lm)
@@ -252,10 +270,7 @@ def answer_nll(model, tokenizer, rows, *, context: str = "prompt", batch_size: i
             attention[i, :len(c) + len(a)] = 1
             scored[i, len(c):len(c) + len(a)] = True
         ids, attention, scored = ids.to(device), attention.to(device), scored.to(device)
-        logits = lm(input_ids=ids, attention_mask=attention).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # token t from t-1
-        mask = scored[:, 1:]
-        nlls += (-(logp * mask).sum(-1) / mask.sum(-1)).tolist()
+        nlls += _answer_nll_batch(lm, ids, attention, scored, chunk).tolist()
     return float(np.mean(nlls)) if reduction == "mean" else nlls
 
 # %% ../nbs/06_evaluate.ipynb #be1facf7
@@ -266,7 +281,7 @@ def ood_scores(model, tokenizer, tasks: Sequence[str] | dict[str, Any], *, split
     "Greedy accuracy, mean score and per-token answer NLL on each task of `tasks` (named, or `{name: rows}`)."
     if isinstance(tasks, str) or not tasks:
         raise ValueError(f"tasks: must be a non-empty list of task names or a dict of rows, got {tasks!r}")
-    _check_choice("context", context, ("prompt", "trace"))
+    check_choice("context", context, ("prompt", "trace"))
     if not isinstance(tasks, dict):
         from motg.tasks import load_task
         size = _check_int("size", size, 1)
