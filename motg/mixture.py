@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # %% auto #0
-__all__ = ['OBJECTIVES', 'CENSOR', 'MIXERS', 'Mixture', 'embed', 'MixtureLM', 'Mixer', 'check_positive', 'check_k',
-           'check_in_range', 'check_choice', 'check_generator', 'sample_categorical', 'Hard', 'sample_dirichlet',
-           'Dirichlet', 'set_log_prob', 'DifferentTokens', 'noise_scale', 'gaussian_log_density', 'Soft', 'Fuzzy',
-           'SoftThinking', 'MixtureOfInputs', 'make_mixer', 'require_trainable']
+__all__ = ['OBJECTIVES', 'CENSOR', 'WEIGHTINGS', 'GUMBEL_OBJECTIVES', 'MIXERS', 'TRAINABLE_MIXERS', 'Mixture', 'embed',
+           'MixtureLM', 'Mixer', 'check_positive', 'check_k', 'check_in_range', 'check_choice', 'check_generator',
+           'sample_categorical', 'Hard', 'sample_dirichlet', 'Dirichlet', 'set_log_prob', 'DifferentTokens',
+           'noise_scale', 'gaussian_log_density', 'Soft', 'Fuzzy', 'SoftThinking', 'MixtureOfInputs', 'Multiplex',
+           'concrete_log_prob', 'soft_grpo_surrogate', 'GumbelSoft', 'make_mixer', 'require_trainable']
 
 # %% ../nbs/03_mixture.ipynb #1bba4ce5
 @dataclass
@@ -520,9 +521,134 @@ class MixtureOfInputs(Mixer):
     def log_prob(self, logits: Tensor, mixture: Mixture, E: Tensor) -> Tensor:
         raise ValueError(f"mixer: {self.name!r} is inference only (training-free): it has no log_prob")
 
+# %% ../nbs/03_mixture.ipynb #b2c0de01
+WEIGHTINGS = ("probability", "uniform")  # multiplex: merge the k draws by their probabilities, or uniformly
+
+
+class Multiplex(Mixer):
+    "Multiplex Thinking: k independent draws from p, their embeddings merged by probability or uniformly; the first is the text."
+    name = "multiplex"
+
+    def __init__(self, k: int = 3,  # K, independent draws (the paper's multiplex width)
+                 temperature: float = 1.0,  # τ of the sampling distribution (the paper's scripts: 1.0)
+                 weighting: str = "probability"):  # "probability": w_j ∝ p(x_j) over the k slots; "uniform": 1/k
+        self.k = check_k(k)
+        self.temperature = check_positive("temperature", temperature)
+        self.weighting = check_choice("weighting", weighting, WEIGHTINGS)
+
+    def log_probs(self, logits: Tensor) -> Tensor:
+        "log p = log softmax(logits / τ) over the vocabulary, in float32."
+        return torch.log_softmax(_as_float(logits) / self.temperature, dim=-1)
+
+    def merge(self, log_p: Tensor, ids: Tensor) -> Mixture:
+        "The mixture token of the draws `ids` `[..., k]`: one slot per draw (duplicates too), the first draw as the text."
+        if self.weighting == "uniform":
+            weights = torch.full(ids.shape, 1 / ids.shape[-1], device=ids.device)
+        else:
+            weights = torch.softmax(log_p.gather(-1, ids), dim=-1)  # p(x_j) renormalised over the k slots
+        return Mixture(ids, weights.float(), None, ids[..., 0])
+
+    @torch.no_grad()
+    def sample_with_log_prob(self, logits: Tensor, E: Tensor, generator: torch.Generator | None = None
+                             ) -> tuple[Mixture, Tensor]:
+        check_generator(generator, logits.device)
+        log_p = self.log_probs(logits)
+        ids = sample_categorical(log_p.exp(), generator, num_samples=self.k)
+        return self.merge(log_p, ids), log_p.gather(-1, ids).sum(-1)
+
+    def sample(self, logits: Tensor, E: Tensor, generator: torch.Generator | None = None) -> Mixture:
+        return self.sample_with_log_prob(logits, E, generator)[0]
+
+    @torch.no_grad()
+    def greedy(self, logits: Tensor, E: Tensor) -> Mixture:
+        check_k(self.k, logits.shape[-1])  # k distinct tokens
+        log_p = self.log_probs(logits)
+        return self.merge(log_p, log_p.topk(self.k, dim=-1).indices)
+
+    def log_prob(self, logits: Tensor, mixture: Mixture, E: Tensor) -> Tensor:
+        _check_mixture(self, mixture)
+        return self.log_probs(logits).gather(-1, mixture.ids).sum(-1)
+
+# %% ../nbs/03_mixture.ipynb #b2c0de07
+def concrete_log_prob(log_location: Tensor,  # log p̃ `[..., k]` (need not be normalised)
+                      weights: Tensor,  # w `[..., k]` on the simplex; entries below CENSOR are censored
+                      temperature: float) -> Tensor:  # λ
+    "log-density of Concrete(p̃, λ) at `weights` in k − 1 free coordinates, weights below `CENSOR` as the event w_j < CENSOR."
+    kept = weights >= CENSOR
+    log_w = weights.to(log_location.dtype).clamp_min(CENSOR).log()  # a censored weight: its bound, in the normaliser
+    n = kept.sum(-1).to(log_location.dtype)
+    log_normaliser = (log_location - temperature * log_w).logsumexp(-1)
+    body = ((log_location - (temperature + 1) * log_w) * kept).sum(-1)
+    return torch.lgamma(n) + (n - 1) * math.log(temperature) + body - n * log_normaliser
+
+# %% ../nbs/03_mixture.ipynb #b2c0de11
+def soft_grpo_surrogate(log_location: Tensor,  # log p̃ `[..., k]` under the current policy (normalised over S)
+                        weights: Tensor,  # the stored weights `[..., k]`
+                        temperature: float) -> Tensor:  # λ
+    "SofT-GRPO's per-step objective: the mean clamped Gumbel log-density of the noise behind `weights` (shift by maximum likelihood)."
+    paper_log_p = (log_location.exp() + 1e-6).log()  # the paper's log(p̃ + 1e-6)
+    log_w = weights.to(log_location.dtype).clamp_min(_TINY).log()
+    kept = weights >= CENSOR
+    shift = ((paper_log_p.detach() - temperature * log_w).masked_fill(~kept, -math.inf).logsumexp(-1, keepdim=True)
+             - kept.sum(-1, keepdim=True).to(log_w.dtype).log())
+    noise = (temperature * log_w + shift - paper_log_p).clamp(-1.5, 3)
+    counted = (paper_log_p > -3).to(noise.dtype)
+    return ((-noise - (-noise).exp()) * counted).sum(-1) / counted.sum(-1).clamp_min(1)
+
+# %% ../nbs/03_mixture.ipynb #b2c0de15
+GUMBEL_OBJECTIVES = ("exact", "soft_grpo_paper")  # the Concrete density, or SofT-GRPO's per-entry surrogate
+
+
+class GumbelSoft(Mixer):
+    "SofT-GRPO: the top-k tokens, weights softmax((log p̃ + g)/λ) with Gumbel noise g, the argmax weight as the text."
+    name = "gumbel_soft"
+
+    def __init__(self, k: int = 5,  # tokens mixed: the top-k of softmax(logits / temperature)
+                 temperature: float = 1.0,  # τ of p (the paper's rollout temperature)
+                 gumbel_temperature: float = 0.1,  # λ of the Gumbel-softmax (the paper's default script)
+                 objective: str = "exact"):  # "exact": the Concrete density; "soft_grpo_paper": the paper's surrogate
+        self.k = check_k(k)
+        self.temperature = check_positive("temperature", temperature)
+        self.gumbel_temperature = check_positive("gumbel_temperature", gumbel_temperature)
+        self.objective = check_choice("objective", objective, GUMBEL_OBJECTIVES)
+
+    def log_location(self, logits: Tensor, ids: Tensor) -> Tensor:
+        "log p̃: log softmax(logits / τ) renormalised over `ids` `[..., k]`, in float32."
+        return torch.log_softmax(_as_float(logits).gather(-1, ids) / self.temperature, dim=-1)
+
+    def _mix(self, logits: Tensor, noise: Callable[[Tensor], Tensor]) -> Mixture:
+        "The mixture token for the top-k of `logits` with `noise(log p̃)` added before the softmax at λ."
+        check_k(self.k, logits.shape[-1])
+        ids = logits.topk(self.k, dim=-1).indices
+        log_location = self.log_location(logits, ids)
+        log_weights = torch.log_softmax((log_location + noise(log_location)) / self.gumbel_temperature, dim=-1)
+        token = ids.gather(-1, log_weights.argmax(-1, keepdim=True)).squeeze(-1)
+        return Mixture(ids, log_weights.exp().clamp_min(_TINY).float(), None, token)
+
+    @torch.no_grad()
+    def sample(self, logits: Tensor, E: Tensor, generator: torch.Generator | None = None) -> Mixture:
+        check_generator(generator, logits.device)
+
+        def gumbel(like: Tensor) -> Tensor:
+            uniform = torch.rand(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+            return -(-uniform.clamp_min(_TINY).log()).log()
+        return self._mix(logits, gumbel)
+
+    @torch.no_grad()
+    def greedy(self, logits: Tensor, E: Tensor) -> Mixture:
+        return self._mix(logits, torch.zeros_like)  # g = 0
+
+    def log_prob(self, logits: Tensor, mixture: Mixture, E: Tensor) -> Tensor:
+        _check_mixture(self, mixture)
+        log_location = self.log_location(logits, mixture.ids)
+        if self.objective == "soft_grpo_paper":
+            return soft_grpo_surrogate(log_location, mixture.weights, self.gumbel_temperature)
+        return concrete_log_prob(log_location, mixture.weights, self.gumbel_temperature)
+
 # %% ../nbs/03_mixture.ipynb #0c905f73
-MIXERS: dict[str, type[Mixer]] = {cls.name: cls for cls in
-                                  (Hard, Dirichlet, DifferentTokens, Soft, Fuzzy, SoftThinking, MixtureOfInputs)}
+MIXERS: dict[str, type[Mixer]] = {cls.name: cls for cls in (Hard, Dirichlet, DifferentTokens, Soft, Fuzzy, SoftThinking,
+                                                              MixtureOfInputs, Multiplex, GumbelSoft)}
+TRAINABLE_MIXERS: tuple[str, ...] = tuple(name for name, cls in MIXERS.items() if cls().trainable)  # with a log_prob
 
 
 def make_mixer(name: str, **params) -> Mixer:
@@ -540,7 +666,7 @@ def make_mixer(name: str, **params) -> Mixer:
 def require_trainable(mixer: Mixer) -> Mixer:
     "Return `mixer` if it has a `log_prob` to train with; otherwise raise a `ValueError` listing the trainable mixers."
     if not mixer.trainable:
-        trainable = [name for name, cls in MIXERS.items() if cls().trainable]
+        trainable = list(TRAINABLE_MIXERS)
         detail = " (sigma=0: no noise, deterministic)" if isinstance(mixer, Soft) else ""
         raise ValueError(f"mixer: {mixer.name!r}{detail} is inference-only; trainable mixers: {trainable}")
     return mixer
