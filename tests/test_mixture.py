@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from motg.mixture import (CENSOR, Dirichlet, DifferentTokens, Fuzzy, Hard, MIXERS, Mixture, MixtureLM, Soft,
-                          embed, make_mixer, sample_dirichlet, set_log_prob)
+from motg.mixture import (CENSOR, Dirichlet, DifferentTokens, Fuzzy, GumbelSoft, Hard, MIXERS, Mixture, MixtureLM,
+                          Multiplex, Soft, TRAINABLE_MIXERS, concrete_log_prob, embed, make_mixer, sample_dirichlet,
+                          set_log_prob)
 from motg.testing import tiny_lm
 
 E3 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])
@@ -52,9 +53,11 @@ def test_set_log_prob_gradcheck_and_full_vocabulary():
     assert torch.allclose(full, torch.zeros(3), atol=1e-5) and torch.isfinite(logits.grad).all()
 
 
-@pytest.mark.parametrize("name", ["dirichlet", "different_tokens", "soft"])
-def test_log_prob_gradcheck(name):
-    mixer = make_mixer(name)
+# (not the soft_grpo_paper surrogate: its noise shift is held without gradient, so its value and gradient differ by design)
+@pytest.mark.parametrize("name, params", [("dirichlet", {}), ("different_tokens", {}), ("soft", {}),
+                                          ("multiplex", {}), ("gumbel_soft", dict(k=3, gumbel_temperature=0.5))])
+def test_log_prob_gradcheck(name, params):
+    mixer = make_mixer(name, **params)
     logits = torch.randn(3, 3, dtype=torch.float64)
     E = E3.double().requires_grad_()
     action = mixer.sample(logits, E.detach(), generator=torch.Generator().manual_seed(0))
@@ -123,7 +126,7 @@ def test_low_precision_logits_and_embeddings():
     logits = torch.randn(2, 5, 3).bfloat16()
     for name in MIXERS:
         mixer = make_mixer(name, **({"top_k": 2} if name == "mixture_of_inputs" else {"k": 2} if name in
-                                    ("dirichlet", "different_tokens", "soft_thinking") else {}))
+                                    ("dirichlet", "different_tokens", "soft_thinking", "gumbel_soft") else {}))
         action = mixer.sample(logits, E3.bfloat16(), generator=torch.Generator().manual_seed(0))
         assert embed(action, E3.bfloat16()).dtype == torch.bfloat16
         if mixer.trainable:
@@ -143,7 +146,7 @@ def test_fuzzy_and_soft_sigma_is_fixed_by_the_first_embedding_matrix():
     assert torch.allclose(action.vector - E3[0], action.vector - mixer.greedy(logits, E3).vector)  # μ = E[argmax]
 
 
-@pytest.mark.parametrize("name", ["hard", "dirichlet", "different_tokens", "soft", "fuzzy"])
+@pytest.mark.parametrize("name", TRAINABLE_MIXERS)
 def test_teacher_forced_log_prob_equals_rollout_log_prob(name):
     "Sample step by step from the tiny model, then one teacher-forced forward over [batch, steps] gives the same log-probs."
     torch.manual_seed(0)
@@ -177,3 +180,137 @@ def test_teacher_forced_log_prob_equals_rollout_log_prob(name):
     teacher_forced.sum().backward()
     assert torch.allclose(teacher_forced, torch.stack(step_logps, 1), atol=1e-4)
     assert E.grad is not None and E.grad.abs().sum() > 0  # through the model (and μ for soft/fuzzy)
+
+
+def test_soft_mixture_stays_in_the_embedding_dtype():
+    "bfloat16 E: μ = pE is computed in bfloat16 (no float32 copy of E), the noise and the log-density in float32."
+    E = torch.randn(50, 8, generator=torch.Generator().manual_seed(0)).bfloat16().requires_grad_()
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(1))
+    for mixer in [Soft(), Fuzzy()]:
+        mean = mixer.mean(logits, E)
+        assert mean.dtype == torch.bfloat16
+        assert torch.allclose(mean.float(), mixer.mean(logits, E.detach().float()), atol=0.05)
+        action, logp = mixer.sample_with_log_prob(logits, E.detach(), generator=torch.Generator().manual_seed(2))
+        assert action.vector.dtype == torch.float32 and logp.dtype == torch.float32
+        again = mixer.log_prob(logits.requires_grad_(), action, E)  # teacher forcing recomputes the same bf16 μ
+        assert again.dtype == torch.float32 and torch.allclose(again, logp, atol=1e-3), (again - logp).abs().max()
+        again.sum().backward()
+        assert E.grad.dtype == torch.bfloat16 and E.grad.abs().sum() > 0 and torch.isfinite(logits.grad).all()
+        E.grad, logits.grad = None, None
+        assert embed(action, E).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+def test_generator_on_another_device_is_refused(name):
+    "A generator must live on the logits' device: meta logits (no data, no GPU needed) and a CPU generator."
+    mixer = make_mixer(name)
+    logits, E = torch.randn(2, 30).to("meta"), torch.randn(30, 4).to("meta")
+    with pytest.raises(ValueError, match="generator: is on cpu, the logits on meta"):
+        mixer.sample(logits, E, generator=torch.Generator())
+    if mixer.trainable:
+        with pytest.raises(ValueError, match="generator:"):
+            mixer.sample_with_log_prob(logits, E, generator=torch.Generator())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cpu_generator_with_cuda_logits_is_refused_and_a_cuda_one_works():
+    logits, E = torch.randn(4, 30, device="cuda"), torch.randn(30, 8, device="cuda")
+    for name in MIXERS:
+        mixer = make_mixer(name)
+        with pytest.raises(ValueError, match="generator: is on cpu"):
+            mixer.sample(logits, E, generator=torch.Generator())
+        action = mixer.sample(logits, E, generator=torch.Generator(device="cuda").manual_seed(0))
+        assert action.ids.device.type == "cuda"
+
+
+def test_multiplex_k2_frequencies_duplicates_and_weights():
+    "k = 2 of 4 tokens: all 16 ordered pairs at exp(log_prob); a repeated token keeps both slots (twice the share)."
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    mixer = Multiplex(k=2, temperature=0.8)
+    logits = probs.log() * 0.8  # p = probs at τ = 0.8
+    pairs = torch.tensor(list(itertools.product(range(4), repeat=2)))
+    expected = mixer.log_prob(logits.expand(16, 4), Mixture(pairs, torch.zeros(16, 2), None, pairs[:, 0]), None).exp()
+    assert torch.allclose(expected, (probs[pairs[:, 0]] * probs[pairs[:, 1]]), atol=1e-6)
+    n = 60000
+    draws = mixer.sample(logits.expand(n, 4), None, generator=torch.Generator().manual_seed(0))
+    observed = torch.bincount(draws.ids[:, 0] * 4 + draws.ids[:, 1], minlength=16) / n
+    assert torch.allclose(observed, expected, atol=0.006)
+    twice = draws.ids[:, 0] == draws.ids[:, 1]
+    assert twice.any() and torch.allclose(draws.weights[twice], torch.full((int(twice.sum()), 2), 0.5))
+    mixed = ~twice
+    ratio = draws.weights[mixed, 0] / draws.weights[mixed, 1]
+    assert torch.allclose(ratio, probs[draws.ids[mixed, 0]] / probs[draws.ids[mixed, 1]], rtol=1e-5)
+    assert (Multiplex(weighting="uniform").sample(logits.expand(5, 4), None).weights == 1 / 3).all()
+
+
+def test_gumbel_soft_density_matches_torch_and_the_histogram():
+    "The exact log_prob is torch's RelaxedOneHotCategorical density where nothing is censored, and integrates the histogram."
+    logits = torch.tensor([1.0, 0.2, -0.5, -3.0])
+    mixer = GumbelSoft(k=3, temperature=0.7, gumbel_temperature=0.5)
+    draws = mixer.sample(logits.expand(50000, 4), None, generator=torch.Generator().manual_seed(0))
+    assert (draws.weights >= CENSOR).all()  # λ = 0.5: nothing underflows here
+    p_tilde = torch.softmax(logits[:3] / 0.7, -1)
+    reference = torch.distributions.RelaxedOneHotCategorical(torch.tensor(0.5), probs=p_tilde, validate_args=False)
+    ours = mixer.log_prob(logits.expand(50000, 4), draws, None)
+    assert torch.allclose(ours, reference.log_prob(draws.weights), atol=2e-3, rtol=1e-4)
+    # the density of (w1, w2) on the simplex, integrated over a cell, is the cell's frequency
+    w1, w2 = draws.weights[:, 0], draws.weights[:, 1]
+    for lo1, lo2 in [(0.3, 0.1), (0.5, 0.2), (0.1, 0.6)]:
+        h = 0.05
+        frequency = ((w1 >= lo1) & (w1 < lo1 + h) & (w2 >= lo2) & (w2 < lo2 + h)).float().mean().item()
+        grid = torch.stack(torch.meshgrid(torch.linspace(lo1, lo1 + h, 41)[:-1] + h / 80,
+                                          torch.linspace(lo2, lo2 + h, 41)[:-1] + h / 80, indexing="ij"), -1).reshape(-1, 2)
+        points = torch.cat([grid, 1 - grid.sum(-1, keepdim=True)], -1)
+        mass = concrete_log_prob(p_tilde.log(), points, 0.5).exp().mean().item() * h * h
+        assert abs(frequency - mass) < 4 * (mass / 50000) ** 0.5 + 1e-3, (lo1, lo2, frequency, mass)
+    assert abs((draws.token == 0).float().mean() - p_tilde[0]) < 0.01  # argmax weight: Gumbel-max, ~ p̃
+
+
+@pytest.mark.parametrize("gap", [2.0, 6.0, 12.0])
+def test_gumbel_soft_score_has_mean_zero_with_censored_weights(gap):
+    "E[∂ log π/∂z] = 0 at the default λ = 0.1, where most weights are censored (below 1e-30)."
+    n = 20000
+    logits = torch.tensor([0.0, -gap, -gap - 1, -12.0, -14.0, -30.0]).repeat(n, 1).requires_grad_(True)
+    mixer = GumbelSoft()
+    action = mixer.sample(logits.detach(), None, generator=torch.Generator().manual_seed(5))
+    log_prob = mixer.log_prob(logits, action, None)
+    assert torch.isfinite(log_prob).all() and (action.weights < CENSOR).float().mean() > 0.4
+    log_prob.sum().backward()
+    score = logits.grad[:, :3]
+    assert (score.mean(0).abs() < 4 * score.std(0) / n**0.5 + 1e-3).all(), (score.mean(0), score.std(0) / n**0.5)
+
+
+def test_gumbel_soft_paper_surrogate_is_finite_and_matches_sampling():
+    "objective='soft_grpo_paper': finite values and gradients on confident and flat logits, also with censored weights."
+    for logits in [torch.randn(64, 20), torch.tensor([0.0, -9.0, -20.0, -40.0, -60.0, -80.0]).expand(64, 6)]:
+        mixer = GumbelSoft(objective="soft_grpo_paper")
+        action, logp = mixer.sample_with_log_prob(logits, None, generator=torch.Generator().manual_seed(0))
+        leaf = logits.clone().requires_grad_()
+        again = mixer.log_prob(leaf, action, None)
+        again.sum().backward()
+        assert torch.allclose(again, logp) and torch.isfinite(again).all() and torch.isfinite(leaf.grad).all()
+        assert (again <= -1 + 1e-6).all()  # −g − e^{−g} <= −1, with equality at g = 0
+
+
+@pytest.mark.parametrize("name", ["multiplex", "gumbel_soft"])
+def test_new_mixers_run_through_rollout_and_a_grpo_step(name):
+    "generate -> sequence_logps (equal to the rollout's) -> grpo_loss -> an optimizer step that changes the model."
+    from motg.grpo import grpo_loss
+    from motg.rollout import generate, sequence_logps
+    torch.manual_seed(0)
+    model, tokenizer = tiny_lm()
+    mixer = make_mixer(name)
+    prompts = ["12+3=<think>", "7*8=<think>"] * 2
+    for greedy in (True, False):
+        r = generate(model, tokenizer, prompts, mixer, 16, torch.Generator().manual_seed(1), greedy=greedy,
+                     max_think_tokens=8)
+        assert r.think_mask.any() and r.mixtures.k == mixer.k
+    logps = sequence_logps(model, r)
+    assert torch.allclose(logps, r.logps, atol=1e-4), (logps - r.logps).abs().max()
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    loss, _ = grpo_loss(logps, r.logps, None, advantages, r.completion_mask)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
