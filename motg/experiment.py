@@ -21,12 +21,15 @@ from typing import Callable
 
 import yaml
 
+from .mixture import MIXERS
+
 # %% auto #0
-__all__ = ['PACKAGES', 'EVAL_MODES', 'project_root', 'relative_to_root', 'git_state', 'hardware', 'package_versions',
+__all__ = ['PACKAGES', 'EVAL_MODES', 'EVAL_SEED', 'project_root', 'relative_to_root', 'git_state', 'hardware', 'package_versions',
            'provenance', 'write_json', 'run_is_complete', 'prepare_run_dir', 'profile_path', 'load_profile',
-           'config_hash', 'run_name', 'RunSpec', 'expand_sweep', 'run_train_notebook', 'check_train_parameters',
-           'evaluate_run', 'finish_run', 'recorded_base_model', 'current_base_model', 'set_aside', 'run_sweep',
-           'collect_runs']
+           'config_hash', 'run_name', 'RunSpec', 'expand_sweep', 'RunFailed', 'run_train_notebook',
+           'check_train_parameters', 'eval_seed', 'held_out_rows', 'evaluation_settings', 'decode_problems',
+           'analyse_rollouts', 'evaluate_run', 'finish_run', 'recorded_base_model', 'current_base_model', 'set_aside',
+           'default_jobs', 'run_sweep', 'collect_runs']
 
 # %% ../nbs/08_experiment.ipynb #bc0a7a60
 def project_root(start: Path | str | None = None) -> Path:
@@ -179,27 +182,54 @@ def expand_sweep(profile: dict) -> list[RunSpec]:
     return list(runs.values())
 
 # %% ../nbs/08_experiment.ipynb #07aa1a26
+class RunFailed(RuntimeError):
+    "A run's notebook failed; its message names the run folder's `error.log`."
+
+
+def _papermill_child(notebook: Path, executed: Path, parameters: dict, cwd: Path, kernel_name: str | None,
+                     env: dict) -> None:
+    "Papermill in a child process with `env` added to the environment (a kernel inherits its parent's)."
+    command = [sys.executable, "-m", "papermill", str(notebook), str(executed), "-y", json.dumps(parameters),
+               "--cwd", str(cwd), "--no-progress-bar"] + (["-k", kernel_name] if kernel_name else [])
+    done = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"papermill exited with {done.returncode}:\n{done.stderr[-4000:]}")
+
+
 def run_train_notebook(params: dict, run_dir: Path | str, notebook: Path | str | None = None,
-                       kernel_name: str | None = None, log_output: bool = False) -> Path:
-    "Execute `nbs/train.ipynb` with `params` into `run_dir` (skipped when that run is complete)."
+                       kernel_name: str | None = None, log_output: bool = False, env: dict | None = None) -> Path:
+    "Execute `nbs/train.ipynb` with `params` into `run_dir`: skipped when complete, resumed when incomplete."
+    import traceback
     import papermill as pm
     run_dir = Path(run_dir)
     if run_is_complete(run_dir):
         return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        run_dir.rename(run_dir.with_name(f"{run_dir.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}"))
+    resume = run_dir.exists() and any(run_dir.iterdir())  # an earlier attempt: continue it, never start over
     notebook = Path(notebook or project_root() / "nbs" / "train.ipynb")
     run_dir.mkdir(parents=True, exist_ok=True)
-    # train.ipynb refuses a non-empty out_dir; the executed notebook is written next to it once it finishes.
+    # train.ipynb refuses a non-empty out_dir unless resuming; the executed notebook is moved in once it finishes
     executed = run_dir.with_name(run_dir.name + ".executing.ipynb")
-    pm.execute_notebook(str(notebook), str(executed), parameters={**params, "out_dir": str(run_dir.resolve())},
-                        kernel_name=kernel_name, cwd=str(notebook.parent), log_output=log_output,
-                        progress_bar=False)
+    parameters = {**params, "out_dir": str(run_dir.resolve()), "resume": resume}
+    try:
+        if env is None:
+            pm.execute_notebook(str(notebook), str(executed), parameters=parameters, kernel_name=kernel_name,
+                                cwd=str(notebook.parent), log_output=log_output, progress_bar=False)
+        else:
+            _papermill_child(notebook, executed, parameters, notebook.parent, kernel_name, env)
+    except Exception as error:
+        log = run_dir / "error.log"
+        with open(log, "a") as f:
+            f.write(f"== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} (resume={resume}, env={env})\n"
+                    f"{traceback.format_exc()}\n")
+        if executed.exists():
+            os.replace(executed, run_dir / "failed.ipynb")
+        raise RunFailed(f"{run_dir.name}: {type(error).__name__}: {str(error).strip()[-300:]} "
+                        f"(see {relative_to_root(log)})") from error
     os.replace(executed, run_dir / "train.ipynb")
     return run_dir
 
 # %% ../nbs/08_experiment.ipynb #0dd7202d
-EVAL_MODES = ("hard", "dirichlet", "different_tokens", "soft", "fuzzy", "soft_thinking", "mixture_of_inputs")
+EVAL_MODES = tuple(MIXERS)  # every registered mixer (motg.mixture.MIXERS) is an inference mode
 
 
 def _check_nonneg_int(name: str, value, low: int = 0) -> int:
@@ -222,7 +252,7 @@ def _as_parameter(parameter: str, check: Callable, *args):
         head, _, rest = str(error).partition(": ")
         raise ValueError(f"{parameter}: {rest if head.isidentifier() and rest else error}") from None
 
-
+# %% ../nbs/08_experiment.ipynb #5441fdb0
 def check_train_parameters(params: dict):
     "Validate train.ipynb's parameters; return `(TrainConfig, run_dir)` or raise a ValueError naming the parameter."
     from motg.grpo import TrainConfig
@@ -237,6 +267,13 @@ def check_train_parameters(params: dict):
             raise ValueError(f"eval_modes: unknown inference mode {mode!r}; allowed: {list(EVAL_MODES)}")
     for name in ["eval_samples", "analysis_prompts"]:
         _check_nonneg_int(name, params[name])
+    for name in ["eval_problems", "eval_seed"]:  # optional: parameter sets written before they existed lack them
+        if params.get(name) is not None:
+            _check_nonneg_int(name, params[name], 1 if name == "eval_problems" else 0)
+    eval_mixer_params = params.get("eval_mixer_params") or {}
+    if not isinstance(eval_mixer_params, dict) or not set(eval_mixer_params) <= set(EVAL_MODES):
+        raise ValueError(f"eval_mixer_params: must map inference modes {list(EVAL_MODES)} to mixer parameters, "
+                         f"got {eval_mixer_params!r}")
     _check_nonneg_int("ood_size", params["ood_size"], 1)
     if params.get("num_threads") is not None:
         _check_nonneg_int("num_threads", params["num_threads"], 1)
@@ -269,59 +306,119 @@ def check_train_parameters(params: dict):
     return config, run_dir
 
 # %% ../nbs/08_experiment.ipynb #eb63abeb
-def evaluate_run(config, run_dir: Path | str, params: dict) -> dict:
-    "Evaluate a trained run folder: accuracy and pass@k, the inference grid, out-of-domain scores, analyses."
+EVAL_SEED = 0  # the held-out problems' seed: the same problems for every run of a task, whatever its training seed
+
+
+def eval_seed(params: dict) -> int:
+    "The seed of the held-out problems (and of the evaluation's draws): `eval_seed`, or `EVAL_SEED` when unset."
+    return EVAL_SEED if params.get("eval_seed") is None else params["eval_seed"]
+
+
+def held_out_rows(config, params: dict, tokenizer) -> list[dict]:
+    "The final evaluation's problems: `eval_problems` (default `eval_size`) test rows at the fixed `eval_seed`."
+    from motg.tasks import load_task, with_prompts
+    size = params.get("eval_problems") or config.eval_size
+    seed = eval_seed(params)
+    # the prompts of training (motg.grpo.train re-prompts its rows the same way)
+    return with_prompts(list(load_task(config.task, "test", size, seed)), config.prompt_style, tokenizer)
+
+
+def evaluation_settings(config, params: dict, E_base) -> dict[str, dict]:
+    "Mixer parameters per inference mode: the run's own mixer, hard (the yardstick), the grid's; σ from the base `E`."
+    from motg.mixture import make_mixer
+    extra = params.get("eval_mixer_params") or {}
+    settings = {config.mixer: dict(config.mixer_params)}
+    for mode in ["hard", *params["eval_modes"]]:
+        settings.setdefault(mode, dict(extra.get(mode, {})))
+    for mode, mixer_params in settings.items():
+        mixer = make_mixer(mode, **mixer_params)
+        if hasattr(mixer, "noise_std") and mixer_params.get("sigma") is None:
+            mixer_params["sigma"] = mixer.noise_std(E_base)  # fixed by the base model, never the trained E
+    return settings
+
+# %% ../nbs/08_experiment.ipynb #d37f53bb
+def decode_problems(model, tokenizer, rows: list[dict], settings: dict[str, dict], config, params: dict,
+                    labels: dict) -> tuple[list[dict], dict[str, list[dict]]]:
+    "Greedy and sampled decodes of `rows` in every setting: `problems.csv` rows, and the raw samples per mode."
+    from motg.evaluate import sample_records
+    from motg.grpo import stable_seed
+    seed = eval_seed(params)
+    decode = dict(max_new_tokens=config.max_completion_length, max_think_tokens=config.max_think_tokens,
+                  batch_size=config.eval_batch_size, answer_temperature=config.answer_temperature,
+                  answer="sample")  # sampled thinking, sampled answer: as the training loop's evaluation decodes
+    problems, samples = [], {}
+    for mode, mixer_params in settings.items():
+        samples[mode] = sample_records(model, tokenizer, rows, mode, greedy=True, seed=stable_seed(seed, mode),
+                                       **decode, **mixer_params)
+        if params["eval_samples"]:
+            samples[mode] += sample_records(model, tokenizer, rows, mode, n_samples=params["eval_samples"],
+                                            seed=stable_seed(seed, "sample", mode), **decode, **mixer_params)
+        problems += [{**labels, "inference": mode, "decoding": r["decoding"], "problem": r["problem_id"],
+                      "sample": r["sample"], "correct": bool(r["correct"])} for r in samples[mode]]
+    return problems, samples
+
+# %% ../nbs/08_experiment.ipynb #9c771f84
+def analyse_rollouts(model, tokenizer, rows: list[dict], config, mixer_params: dict, labels: dict, run_dir: Path,
+                     prompts_count: int) -> None:
+    "Entropy along the thinking and diversity across the G samples of a prompt: `entropy.csv`, `diversity.csv`."
     import pandas as pd
     import torch
     from motg.analysis import diversity_records, step_frame
-    from motg.base import load_model
-    from motg.evaluate import evaluate, inference_grid, ood_scores
+    from motg.grpo import stable_seed
     from motg.mixture import make_mixer
     from motg.rollout import generate
-    from motg.tasks import load_task, with_prompts
-    from motg.grpo import stable_seed
-
-    run_dir = Path(run_dir)
-    model, tokenizer = load_model(str(run_dir / "model"))
-    # the prompts of training (motg.grpo.train re-prompts its rows the same way)
-    test_rows = with_prompts(list(load_task(config.task, "test", config.eval_size, config.seed)),
-                             config.prompt_style, tokenizer)
-    common = dict(max_new_tokens=config.max_completion_length, max_think_tokens=config.max_think_tokens,
-                  seed=stable_seed(config.seed, "final-eval"), batch_size=config.eval_batch_size)
-    labels = dict(train_task=config.task, train_mixer=config.mixer, seed=config.seed)
-    n_samples, ks = params["eval_samples"], params["eval_ks"]
-    # 1. The training mixer's own decoding (MoT-G evaluates in the mode it trains in)
-    records = evaluate(model, tokenizer, test_rows, config.mixer, n_samples=n_samples, ks=ks if n_samples else (),
-                       labels={**labels, "inference": "train"}, **common, **config.mixer_params)
-    # 2. The Soft Tokens grid: other inference modes
-    if params["eval_modes"]:
-        records += inference_grid(model, tokenizer, test_rows, modes=params["eval_modes"], n_samples=n_samples,
-                                  ks=ks, labels={**labels, "inference": "grid"}, **common)
-    # 3. Out-of-domain preservation: the base model before training and the trained model after
-    ood = []
-    if params["ood_tasks"]:
-        base_model, _ = load_model(config.model)
-        for when, m in [("before", base_model), ("after", model)]:
-            ood += ood_scores(m, tokenizer, params["ood_tasks"], size=params["ood_size"], seed=config.seed,
-                              max_new_tokens=config.max_completion_length, labels={**labels, "when": when},
-                              prompt_style=config.prompt_style)
-    # 4. Analyses: entropy along the reasoning and diversity across the G samples of a prompt
-    if params["analysis_prompts"]:
-        G = config.num_generations
-        prompts = [row["prompt"] for row in test_rows[:params["analysis_prompts"]] for _ in range(G)]
-        mixer = make_mixer(config.mixer, **config.mixer_params)
-        generator = torch.Generator().manual_seed(stable_seed(config.seed, "analysis"))
+    G, device = config.num_generations, next(model.parameters()).device
+    prompts = [row["prompt"] for row in rows[:prompts_count] for _ in range(G)]
+    frames, diversity = [], []
+    # the run's own mixer, then like-for-like text: every trained model sampled by hard tokens at temperature 1
+    for text, mixer in [("own", make_mixer(config.mixer, **mixer_params)), ("common", make_mixer("hard"))]:
+        generator = torch.Generator(device=device).manual_seed(stable_seed(config.seed, "analysis", text))
         rollout = generate(model, tokenizer, prompts, mixer, config.max_completion_length, generator,
                            max_think_tokens=config.max_think_tokens, keep_hidden=True)
-        step_frame(rollout, group_size=G, model=model, labels=labels).to_csv(run_dir / "entropy.csv", index=False)
-        pd.DataFrame(diversity_records(rollout, group_size=G, model=model, labels=labels)).to_csv(
-            run_dir / "diversity.csv", index=False)
-        with open(run_dir / "samples.jsonl", "w") as f:
-            for prompt, text in zip(prompts[::G], rollout.text[::G]):
-                f.write(json.dumps({"prompt": prompt, "completion": text}) + "\n")
+        if text == "own":
+            frames.append(step_frame(rollout, group_size=G, model=model, labels=labels))
+            with open(run_dir / "samples.jsonl", "w") as f:
+                for prompt, completion in zip(prompts[::G], rollout.text[::G]):
+                    f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+        diversity += diversity_records(rollout, group_size=G, model=model, labels={**labels, "text": text})
+    pd.concat(frames).to_csv(run_dir / "entropy.csv", index=False)
+    pd.DataFrame(diversity).to_csv(run_dir / "diversity.csv", index=False)
+
+# %% ../nbs/08_experiment.ipynb #5841d5d7
+def evaluate_run(config, run_dir: Path | str, params: dict) -> dict:
+    "Evaluate a trained run folder: `problems.csv` (base and trained model), metric records, OOD scores, analyses."
+    import pandas as pd
+    from motg.base import load_model
+    from motg.evaluate import ood_scores, setting_name, summarise_samples
+    run_dir = Path(run_dir)
+    model, tokenizer = load_model(str(run_dir / "model"), device=config.device)
+    base_model, _ = load_model(config.model, device=config.device)
+    rows = held_out_rows(config, params, tokenizer)
+    settings = evaluation_settings(config, params, base_model.get_input_embeddings().weight)
+    labels = dict(train_task=config.task, train_mixer=config.mixer, seed=config.seed)
+    problems, records = [], []
+    for when, m in [("before", base_model), ("after", model)]:
+        rows_of_when, samples = decode_problems(m, tokenizer, rows, settings, config, params,
+                                                {"run": run_dir.name, **labels, "when": when})
+        problems += rows_of_when
+        if when == "after":  # the metric records of eval.json: the run's own mixer, then the grid
+            ks = params["eval_ks"] if params["eval_samples"] else (1,)
+            for mode, inference in [(config.mixer, "train")] + [(mode, "grid") for mode in params["eval_modes"]]:
+                for r in summarise_samples(samples[mode], ks=ks, **labels, inference=inference, mode=mode):
+                    setting = setting_name(mode, r["decoding"], r["k"]) if inference == "grid" and r["k"] else None
+                    records.append({**r, "setting": setting})
+    pd.DataFrame(problems).to_csv(run_dir / "problems.csv", index=False)
+    ood = []
+    for when, m in ([("before", base_model), ("after", model)] if params["ood_tasks"] else []):
+        ood += ood_scores(m, tokenizer, params["ood_tasks"], size=params["ood_size"], seed=eval_seed(params),
+                          max_new_tokens=config.max_completion_length, labels={**labels, "when": when},
+                          prompt_style=config.prompt_style)
+    if params["analysis_prompts"]:
+        analyse_rollouts(model, tokenizer, rows, config, settings[config.mixer], labels, run_dir,
+                         params["analysis_prompts"])
     return {"records": records, "ood": ood}
 
-
+# %% ../nbs/08_experiment.ipynb #295c1a4a
 def finish_run(run_dir: Path | str, config, params: dict, evaluation: dict, wall_time_s: float) -> Path:
     "Write `provenance.json`, then `eval.json` last: the run is complete."
     run_dir = Path(run_dir)
@@ -361,14 +458,27 @@ def set_aside(run_dir: Path, runs_dir: Path, tag: str) -> Path:
         target = stale / f"{run_dir.name}.{tag}.{uuid.uuid4().hex[:8]}"
     return Path(shutil.move(str(run_dir), str(target)))
 
+# %% ../nbs/08_experiment.ipynb #1c4acd90
+def default_jobs() -> int:
+    "Runs at a time by default: one per GPU on CUDA, else one."
+    import torch
+    return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
 
-def run_sweep(runs: list[RunSpec], runs_dir: Path | str, jobs: int = 1, threads: int | None = None,
-              progress: bool = True) -> list[dict]:
+
+def run_sweep(runs: list[RunSpec], runs_dir: Path | str, jobs: int | None = None, threads: int | None = None,
+              progress: bool = True, gpus: int | None = None) -> list[dict]:
     "Execute every incomplete run of `runs` into `runs_dir/<name>` (`jobs` in parallel); returns one status per run."
+    import queue
     from concurrent.futures import ThreadPoolExecutor
     from tqdm.auto import tqdm
     runs_dir = Path(runs_dir)
-    _check_nonneg_int("jobs", jobs, 1)
+    jobs = default_jobs() if jobs is None else _check_nonneg_int("jobs", jobs, 1)
+    if gpus is None:
+        import torch
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    devices = queue.Queue()  # with GPUs, each running job holds one device: one run per GPU
+    for job in range(jobs):
+        devices.put(str(job % gpus) if gpus else None)
     specs = {run.params.get("model") for run in runs} - {None}
     now = {spec: current_base_model(spec) for spec in specs}  # once per spec, before any run starts
 
@@ -381,18 +491,24 @@ def run_sweep(runs: list[RunSpec], runs_dir: Path | str, jobs: int = 1, threads:
             aside = set_aside(folder, runs_dir, then)
             note = f"base model {then} is now {current}: the old run was moved to {relative_to_root(aside)}"
         params = {**run.params, **({"num_threads": threads} if threads else {})}
+        device = devices.get()
         try:
-            run_train_notebook(params, folder)
+            if device is None:
+                run_train_notebook(params, folder)
+            else:
+                run_train_notebook(params, folder, env={"CUDA_VISIBLE_DEVICES": device})
             return {"run": run.name, "status": "ran", "seconds": time.time() - t0, "note": note}
-        except Exception as error:  # one failed run must not stop the sweep; it is reported and retried next time
+        except Exception as error:  # one failed run must not stop the sweep; it is reported and resumed next time
             return {"run": run.name, "status": f"failed: {type(error).__name__}: {str(error)[-300:]}",
                     "seconds": time.time() - t0, "note": note}
+        finally:
+            devices.put(device)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         statuses = list(tqdm(pool.map(one, runs), total=len(runs), disable=not progress, desc="runs"))
     return statuses
 
-
+# %% ../nbs/08_experiment.ipynb #2c1d62b6
 def _run_tags(run: RunSpec) -> dict:
     p = run.params
     return {"run": run.name, "experiments": "," + ",".join(run.experiments) + ",", "train_task": p.get("task"),
@@ -402,16 +518,20 @@ def _run_tags(run: RunSpec) -> dict:
 
 
 def collect_runs(runs: list[RunSpec], runs_dir: Path | str, out_dir: Path | str) -> dict[str, Path]:
-    "Tidy CSVs (records, ood, curves, entropy, diversity) from the completed runs; returns their paths."
+    "Tidy CSVs (problems, runs, records, ood, curves, entropy, diversity) from the completed runs; returns their paths."
     import pandas as pd
+    from motg.analysis import PROBLEM_COLUMNS
     runs_dir, out_dir = Path(runs_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tables = {name: [] for name in ["records", "ood", "curves", "entropy", "diversity"]}
+    tables = {name: [] for name in ["problems", "runs", "records", "ood", "curves", "entropy", "diversity"]}
     for run in runs:
         folder = runs_dir / run.name
         if not run_is_complete(folder):
             continue
         tags = _run_tags(run)
+        tables["runs"].append(tags)
+        if (folder / "problems.csv").exists():  # runs evaluated before problems.csv existed have none
+            tables["problems"] += pd.read_csv(folder / "problems.csv").to_dict("records")
         evaluation = json.loads((folder / "eval.json").read_text())
         drop = {"train_task", "train_mixer", "seed"}  # the tags carry them
         tables["records"] += [{**tags, **{k: v for k, v in r.items() if k not in drop}} for r in evaluation["records"]]
@@ -427,5 +547,8 @@ def collect_runs(runs: list[RunSpec], runs_dir: Path | str, out_dir: Path | str)
     paths = {}
     for name, rows in tables.items():
         paths[name] = out_dir / f"{name}.csv"
-        pd.DataFrame(rows).to_csv(paths[name], index=False)
+        frame = pd.DataFrame(rows)
+        if name == "problems":  # the public contract: these columns, in this order (DESIGN.md)
+            frame = frame.reindex(columns=list(PROBLEM_COLUMNS))
+        frame.to_csv(paths[name], index=False)
     return paths
