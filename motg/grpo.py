@@ -5,7 +5,9 @@
 # %% ../nbs/05_grpo.ipynb #175f66bb
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -13,19 +15,24 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 # %% auto #0
-__all__ = ['ADVANTAGE_KINDS', 'SCALE_REWARDS', 'LOSS_TYPES', 'OPTIMIZERS', 'LR_SCHEDULERS', 'DEVICES', 'PAPER_LEARNING_RATES',
-           'PRESETS', 'TIMING_METRICS', 'check_choice', 'compute_advantages', 'masked_mean', 'grpo_loss', 'TrainConfig',
-           'stable_seed', 'rng_state', 'set_rng_state', 'checkpoint_dirs', 'lr_lambda', 'evaluate_accuracy',
-           'model_prompt_style', 'train']
+__all__ = ['ADVANTAGE_KINDS', 'SCALE_REWARDS', 'LOSS_TYPES', 'KL_LOG_RATIO_CLAMP', 'OPTIMIZERS', 'LR_SCHEDULERS', 'DEVICES',
+           'MIXED_PRECISION', 'LOAD_DTYPES', 'LORA_DEFAULTS', 'PAPER_LEARNING_RATES', 'PRESETS', 'TIMING_METRICS',
+           'check_choice', 'compute_advantages', 'masked_mean', 'grpo_loss', 'TrainConfig', 'stable_seed', 'rng_state',
+           'set_rng_state', 'checkpoint_dirs', 'load_checkpoint_file', 'lr_lambda', 'evaluate_accuracy',
+           'model_prompt_style', 'resolve_mixed_precision', 'autocast_forward', 'load_policy', 'batch_shape',
+           'split_rollout', 'TrainingSetup', 'build_optimizer', 'setup_training', 'step_rollouts', 'step_rewards',
+           'reference_logps', 'policy_update', 'train_step', 'step_metrics', 'evaluate_during_training',
+           'trainable_state', 'save_checkpoint', 'load_checkpoint', 'save_final_model', 'start_or_resume',
+           'log_metrics', 'finish_run', 'train']
 
 # %% ../nbs/05_grpo.ipynb #28568473
 ADVANTAGE_KINDS = ("grpo", "dr_grpo", "rloo")
@@ -66,6 +73,7 @@ def compute_advantages(rewards: Tensor, num_generations: int, scale_rewards: str
 
 # %% ../nbs/05_grpo.ipynb #6fe887c4
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "sequence_sum")
+KL_LOG_RATIO_CLAMP = 20.0  # |log π_ref − log π| inside the k3 KL: exp(20) ≈ 4.9e8 stays finite
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -94,7 +102,7 @@ def grpo_loss(logps: Tensor, old_logps: Tensor | None, ref_logps: Tensor | None,
     clipped_ratio = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
     per_step = -torch.min(ratio * advantages, clipped_ratio * advantages)
     if beta > 0:
-        delta = ref_logps - logps
+        delta = (ref_logps - logps).clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)  # no overflow (see above)
         kl = torch.exp(delta) - delta - 1  # k3 estimator of KL(π_θ ‖ π_ref)
         if use_bias_correction_kl:  # DeepSeek-V3.2: weight by the (differentiable) ratio; TRL 1.16's default
             kl = kl * ratio
@@ -125,21 +133,9 @@ def grpo_loss(logps: Tensor, old_logps: Tensor | None, ref_logps: Tensor | None,
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 DEVICES = ("cpu", "cuda", "auto")
-
-
-def _check_int(name: str, value, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
-
-
-def _check_number(name: str, value, low: float, strict: bool = False, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
-        value > low if strict else value >= low)
-    if not ok:
-        raise ValueError(f"{name}: must be a finite number {'>' if strict else '>='} {low}"
-                         f"{' or None' if optional else ''}, got {value!r}")
+MIXED_PRECISION = ("no", "bf16", "auto")
+LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
+LORA_DEFAULTS = dict(lora_r=16, lora_alpha=32, lora_dropout=0.05, lora_target_modules=None)  # TRL's ModelConfig
 
 
 @dataclass
@@ -148,6 +144,7 @@ class TrainConfig:
     # what to train
     task: str = "cpu/chain_sum"  # a task, suite member ("cpu/chain_sum": the CPU-suite settings) or mix (load_task)
     model: str = "tiny-1m-warm"  # a motg.base.load_model spec (its DEFAULT_MODEL; a preset, "<preset>-warm", a folder)
+    torch_dtype: str = "auto"  # auto (as saved) | float32 | bfloat16: the loaded weights; trainable ones become fp32
     prompt_style: str = "auto"  # auto | plain | chat (motg.tasks.with_prompts); auto: chat iff the model has a template
     mixer: str = "hard"  # the thinking mixer (motg.mixture.make_mixer); the answer is always hard tokens
     mixer_params: dict = field(default_factory=dict)  # e.g. {"temperature": 0.9}
@@ -160,6 +157,7 @@ class TrainConfig:
     max_completion_length: int = 128  # new tokens per completion (thinking + answer)
     max_think_tokens: int | None = None  # cap on the thinking phase (None: the rollout's default)
     answer_temperature: float = 1.0  # sampling temperature of the answer phase
+    generation_batch_size: int | None = None  # sequences per generate call (None: all of a process's, in one call)
     # advantages and loss
     advantage: str = "grpo"  # grpo | dr_grpo | rloo
     scale_rewards: str | None = None  # group | batch | none; None: the advantage kind's own default
@@ -181,7 +179,15 @@ class TrainConfig:
     warmup_ratio: float = 0.0  # fraction of the updates spent warming up linearly from 0
     warmup_steps: int = 0  # warm-up updates; overrides warmup_ratio when > 0 (as in transformers)
     max_grad_norm: float | None = 1.0  # gradient clipping (None: no clipping; the norm is still logged)
-    gradient_accumulation_steps: int = 1  # micro-batches per process per update
+    gradient_accumulation_steps: int = 1  # backward micro-batches per process per update
+    # memory and precision
+    mixed_precision: str = "auto"  # no | bf16 | auto; weights and optimizer state are fp32 either way
+    gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass
+    use_peft: bool = False  # train LoRA adapters (peft); the KL reference is then the base with adapters disabled
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scale numerator (the update is scaled by lora_alpha / lora_r)
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | str | None = None  # None: peft's default for the architecture; "all-linear"
     # evaluation, logging, checkpoints
     eval_steps: int = 50  # evaluate every this many steps (0: only before and after training)
     eval_greedy: bool = True  # greedy accuracy (greedy thinking in the mixer's scheme, greedy answer)
@@ -199,58 +205,8 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         "Raise a `ValueError` naming the first bad field; build the mixer to check it is known and trainable."
-        from motg.mixture import make_mixer, require_trainable
-        for name in ["task", "model", "mixer", "reward_scheme"]:
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ValueError(f"{name}: must be a non-empty string, got {getattr(self, name)!r}")
-        if not isinstance(self.mixer_params, dict):
-            raise ValueError(f"mixer_params: must be a dict, got {self.mixer_params!r}")
-        require_trainable(make_mixer(self.mixer, **self.mixer_params))
-        from motg.tasks import PROMPT_STYLE_SETTINGS, REWARD_SCHEMES
-        check_choice("reward_scheme", self.reward_scheme, REWARD_SCHEMES)
-        check_choice("prompt_style", self.prompt_style, PROMPT_STYLE_SETTINGS)
-        _check_int("steps", self.steps, 1)
-        _check_int("train_size", self.train_size, 1)
-        _check_int("eval_size", self.eval_size, 0)
-        _check_int("prompts_per_step", self.prompts_per_step, 1)
-        _check_int("num_generations", self.num_generations, 2)
-        _check_int("max_completion_length", self.max_completion_length, 1)
-        if self.max_think_tokens is not None:
-            _check_int("max_think_tokens", self.max_think_tokens, 0)
-        _check_number("answer_temperature", self.answer_temperature, 0, strict=True)
-        check_choice("advantage", self.advantage, ADVANTAGE_KINDS)
-        if self.scale_rewards is not None:
-            check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
-        if self.advantage == "dr_grpo" and self.scale_rewards not in (None, "none"):
-            raise ValueError("scale_rewards: Dr. GRPO does not scale rewards; use advantage='grpo' to scale them")
-        check_choice("loss_type", self.loss_type, LOSS_TYPES)
-        for name in ["use_bias_correction_kl", "eval_greedy", "progress", "log_entropy"]:
-            check_choice(name, getattr(self, name), (True, False))
-        _check_number("beta", self.beta, 0)
-        _check_number("epsilon", self.epsilon, 0)
-        _check_number("epsilon_high", self.epsilon_high, 0, optional=True)
-        _check_int("num_iterations", self.num_iterations, 1)
-        _check_number("learning_rate", self.learning_rate, 0, strict=True)
-        check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        for name in ["adam_beta1", "adam_beta2"]:
-            if not (isinstance(getattr(self, name), (int, float)) and 0 <= getattr(self, name) < 1):
-                raise ValueError(f"{name}: must be a number in [0, 1), got {getattr(self, name)!r}")
-        _check_number("adam_epsilon", self.adam_epsilon, 0, strict=True)
-        _check_number("weight_decay", self.weight_decay, 0)
-        check_choice("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS)
-        if not (isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio < 1):
-            raise ValueError(f"warmup_ratio: must be a number in [0, 1), got {self.warmup_ratio!r}")
-        _check_int("warmup_steps", self.warmup_steps, 0)
-        _check_number("max_grad_norm", self.max_grad_norm, 0, strict=True, optional=True)
-        _check_int("gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
-        if self.sequences_per_step % self.gradient_accumulation_steps:
-            raise ValueError(f"gradient_accumulation_steps: must divide prompts_per_step × num_generations = "
-                             f"{self.sequences_per_step}, got {self.gradient_accumulation_steps}")
-        for name in ["eval_steps", "eval_num_samples", "save_steps", "seed"]:
-            _check_int(name, getattr(self, name), 0)
-        _check_int("eval_batch_size", self.eval_batch_size, 1)
-        _check_int("save_total_limit", self.save_total_limit, 1)
-        check_choice("device", self.device, DEVICES)
+        for check in (_check_what, _check_rollout_and_loss, _check_optimisation, _check_memory, _check_bookkeeping):
+            check(self)
         return self
 
     @property
@@ -268,6 +224,120 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{unknown[0]}: not a field of TrainConfig; allowed: {[f.name for f in fields(cls)]}")
         return cls(**{**PRESETS[preset], **overrides})
+
+# %% ../nbs/05_grpo.ipynb #96eee53b
+def _check_int(name: str, value, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+
+
+def _check_number(name: str, value, low: float, strict: bool = False, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+        value > low if strict else value >= low)
+    if not ok:
+        raise ValueError(f"{name}: must be a finite number {'>' if strict else '>='} {low}"
+                         f"{' or None' if optional else ''}, got {value!r}")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: must be True or False, got {value!r}")
+
+
+def _check_what(config: TrainConfig) -> None:
+    "Task, model, mixer, reward, prompt style and data sizes."
+    from motg.mixture import make_mixer, require_trainable
+    from motg.tasks import PROMPT_STYLE_SETTINGS, REWARD_SCHEMES
+    for name in ["task", "model", "mixer", "reward_scheme"]:
+        if not isinstance(getattr(config, name), str) or not getattr(config, name):
+            raise ValueError(f"{name}: must be a non-empty string, got {getattr(config, name)!r}")
+    if not isinstance(config.mixer_params, dict):
+        raise ValueError(f"mixer_params: must be a dict, got {config.mixer_params!r}")
+    require_trainable(make_mixer(config.mixer, **config.mixer_params))
+    check_choice("reward_scheme", config.reward_scheme, REWARD_SCHEMES)
+    check_choice("prompt_style", config.prompt_style, PROMPT_STYLE_SETTINGS)
+    _check_int("train_size", config.train_size, 1)
+    _check_int("eval_size", config.eval_size, 0)
+
+
+def _check_rollout_and_loss(config: TrainConfig) -> None:
+    "Batch shape, rollout lengths, advantages and loss."
+    _check_int("prompts_per_step", config.prompts_per_step, 1)
+    _check_int("num_generations", config.num_generations, 2)
+    _check_int("max_completion_length", config.max_completion_length, 1)
+    if config.max_think_tokens is not None:
+        _check_int("max_think_tokens", config.max_think_tokens, 0)
+    _check_number("answer_temperature", config.answer_temperature, 0, strict=True)
+    check_choice("advantage", config.advantage, ADVANTAGE_KINDS)
+    if config.scale_rewards is not None:
+        check_choice("scale_rewards", config.scale_rewards, SCALE_REWARDS)
+    if config.advantage == "dr_grpo" and config.scale_rewards not in (None, "none"):
+        raise ValueError("scale_rewards: Dr. GRPO does not scale rewards; use advantage='grpo' to scale them")
+    check_choice("loss_type", config.loss_type, LOSS_TYPES)
+    _check_bool("use_bias_correction_kl", config.use_bias_correction_kl)
+    _check_number("beta", config.beta, 0)
+    _check_number("epsilon", config.epsilon, 0)
+    _check_number("epsilon_high", config.epsilon_high, 0, optional=True)
+    _check_int("num_iterations", config.num_iterations, 1)
+
+# %% ../nbs/05_grpo.ipynb #89ae5f48
+def _check_optimisation(config: TrainConfig) -> None:
+    "Steps, optimizer, schedule, clipping and accumulation."
+    _check_int("steps", config.steps, 1)
+    _check_number("learning_rate", config.learning_rate, 0, strict=True)
+    check_choice("optimizer", config.optimizer, OPTIMIZERS)
+    for name in ["adam_beta1", "adam_beta2"]:
+        if not (isinstance(getattr(config, name), (int, float)) and 0 <= getattr(config, name) < 1):
+            raise ValueError(f"{name}: must be a number in [0, 1), got {getattr(config, name)!r}")
+    _check_number("adam_epsilon", config.adam_epsilon, 0, strict=True)
+    _check_number("weight_decay", config.weight_decay, 0)
+    check_choice("lr_scheduler_type", config.lr_scheduler_type, LR_SCHEDULERS)
+    if not (isinstance(config.warmup_ratio, (int, float)) and 0 <= config.warmup_ratio < 1):
+        raise ValueError(f"warmup_ratio: must be a number in [0, 1), got {config.warmup_ratio!r}")
+    _check_int("warmup_steps", config.warmup_steps, 0)
+    _check_number("max_grad_norm", config.max_grad_norm, 0, strict=True, optional=True)
+    _check_int("gradient_accumulation_steps", config.gradient_accumulation_steps, 1)
+    if config.sequences_per_step % config.gradient_accumulation_steps:
+        raise ValueError(f"gradient_accumulation_steps: must divide prompts_per_step × num_generations = "
+                         f"{config.sequences_per_step}, got {config.gradient_accumulation_steps}")
+
+
+def _check_memory(config: TrainConfig) -> None:
+    "Generation batch, precision, checkpointing and LoRA (its options only with `use_peft`)."
+    if config.generation_batch_size is not None:
+        _check_int("generation_batch_size", config.generation_batch_size, 1)
+        if config.sequences_per_step % config.generation_batch_size:
+            raise ValueError(f"generation_batch_size: must divide prompts_per_step × num_generations = "
+                             f"{config.sequences_per_step}, got {config.generation_batch_size}")
+    check_choice("torch_dtype", config.torch_dtype, LOAD_DTYPES)
+    check_choice("mixed_precision", config.mixed_precision, MIXED_PRECISION)
+    for name in ["gradient_checkpointing", "use_peft"]:
+        _check_bool(name, getattr(config, name))
+    set_without_peft = [name for name, default in LORA_DEFAULTS.items() if getattr(config, name) != default]
+    if set_without_peft and not config.use_peft:
+        raise ValueError(f"{', '.join(set_without_peft)}: LoRA options need use_peft=True")
+    _check_int("lora_r", config.lora_r, 1)
+    _check_number("lora_alpha", config.lora_alpha, 0, strict=True)
+    if not (isinstance(config.lora_dropout, (int, float)) and 0 <= config.lora_dropout < 1):
+        raise ValueError(f"lora_dropout: must be a number in [0, 1), got {config.lora_dropout!r}")
+    modules = config.lora_target_modules
+    if not (modules is None or modules == "all-linear" or (
+            isinstance(modules, list) and modules and all(isinstance(m, str) and m for m in modules))):
+        raise ValueError(f"lora_target_modules: must be None, 'all-linear' or a non-empty list of module names, "
+                         f"got {modules!r}")
+
+
+def _check_bookkeeping(config: TrainConfig) -> None:
+    "Evaluation, logging, checkpoints, seed and device."
+    for name in ["eval_greedy", "progress", "log_entropy"]:
+        _check_bool(name, getattr(config, name))
+    for name in ["eval_steps", "eval_num_samples", "save_steps", "seed"]:
+        _check_int(name, getattr(config, name), 0)
+    _check_int("eval_batch_size", config.eval_batch_size, 1)
+    _check_int("save_total_limit", config.save_total_limit, 1)
+    check_choice("device", config.device, DEVICES)
 
 # %% ../nbs/05_grpo.ipynb #d6a59237
 PAPER_LEARNING_RATES = {"motg": 5e-6, "soft_tokens": 6e-6}  # Qwen2.5-1.5B (MoT-G); Llama-3.2-3B (Soft Tokens)
@@ -294,8 +364,11 @@ def stable_seed(*parts) -> int:
 
 
 def rng_state() -> dict:
-    "The global RNG states of torch (CPU and CUDA), python and numpy."
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    "The global RNG states of torch (CPU and CUDA), python and numpy, as tensors and plain values (weights_only-safe)."
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -305,7 +378,9 @@ def set_rng_state(state: dict) -> None:
     "Restore what `rng_state` returned."
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"],
+                         n["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -315,6 +390,16 @@ def checkpoint_dirs(out_dir: Path | str) -> list[Path]:
     folder = Path(out_dir) / "checkpoints"
     return sorted(p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")) \
         if folder.exists() else []
+
+
+def load_checkpoint_file(path: Path | str) -> dict:
+    "A checkpoint file read with `weights_only=True`; one holding any other pickled object is refused."
+    import pickle
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"checkpoint: {path} holds objects other than tensors and plain values; refusing to "
+                         f"unpickle it (it could run code). {str(e).splitlines()[0]}") from e
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -383,62 +468,172 @@ def model_prompt_style(model: str, prompt_style: str = "auto") -> str:
                          "none; use 'plain', or 'auto' to choose by the tokenizer")
     return resolve_prompt_style(prompt_style, tokenizer)
 
-# %% ../nbs/05_grpo.ipynb #d25fb650
+# %% ../nbs/05_grpo.ipynb #187872dd
+def resolve_mixed_precision(setting: str, device: torch.device | str, launched: str = "no") -> str:
+    "The compute precision of a run, 'bf16' or 'no', from `setting` (no | bf16 | auto), the device and `accelerate launch`'s."
+    check_choice("mixed_precision", setting, MIXED_PRECISION)
+    if launched not in ("no", "bf16"):
+        raise ValueError(f"mixed_precision: accelerate launch asks for {launched!r}; motg trains in bf16 or fp32 "
+                         "(fp16 would need loss scaling)")
+    if setting == "auto":
+        cuda_bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
+        return "bf16" if launched == "bf16" or cuda_bf16 else "no"
+    if setting == "no" and launched == "bf16":
+        raise ValueError("mixed_precision: 'no' conflicts with accelerate launch --mixed_precision bf16")
+    return setting
+
+
+def autocast_forward(model: nn.Module, precision: str) -> nn.Module:
+    "Run `model`'s forward under bf16 autocast when `precision` is 'bf16' (as accelerate's `prepare` does), its output head not."
+    if precision != "bf16":
+        return model
+    forward, device_type = model.forward, next(model.parameters()).device.type
+
+    @functools.wraps(forward)
+    def bf16_forward(*args, inputs_embeds: Tensor | None = None, **kwargs):
+        if inputs_embeds is not None:  # a bf16 residual stream, as in a bf16 model: the keys and values the
+            inputs_embeds = inputs_embeds.to(torch.bfloat16)  # rollout caches are then all bf16
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return forward(*args, inputs_embeds=inputs_embeds, **kwargs)
+
+    head = model.get_output_embeddings()
+    head_forward = head.forward
+
+    def full_precision_head(hidden: Tensor) -> Tensor:  # logits in the head's own dtype (fp32 master weights), the
+        with torch.autocast(device_type, enabled=False):  # same inside the forward as in sequence_logps' chunks
+            return head_forward(hidden.to(head.weight.dtype))
+    model.forward, head.forward = bf16_forward, full_precision_head
+    return model
+
+# %% ../nbs/05_grpo.ipynb #712176f9
+def _dtype_option(load_model: Callable, torch_dtype: str) -> dict:
+    "`load_model`'s dtype argument: `torch_dtype` where it has one, else `dtype` (None for 'auto': as saved)."
+    import inspect
+    if "torch_dtype" in inspect.signature(load_model).parameters:
+        return {"torch_dtype": torch_dtype}
+    return {"dtype": None if torch_dtype == "auto" else torch_dtype}
+
+
+def load_policy(config: TrainConfig, device: torch.device | str, precision: str) -> tuple[nn.Module, nn.Module | None, object]:
+    "The policy (a `MixtureLM`: fp32 trainable weights, LoRA and checkpointing as configured), its reference (or None) and the tokenizer."
+    from motg.base import load_model
+    from motg.mixture import MixtureLM
+    model, tokenizer = load_model(config.model, device=device, **_dtype_option(load_model, config.torch_dtype))
+    reference = None
+    if config.beta > 0 and not config.use_peft:  # with LoRA the reference is the base itself, adapters disabled
+        reference = MixtureLM(autocast_forward(copy.deepcopy(model), precision)).eval().requires_grad_(False)
+    if config.gradient_checkpointing:  # transformers 5 renamed it; non-reentrant, so frozen inputs are fine
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+    if config.use_peft:
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                                                 lora_dropout=config.lora_dropout, task_type="CAUSAL_LM",
+                                                 target_modules=config.lora_target_modules))
+    for parameter in model.parameters():
+        if parameter.requires_grad:  # fp32 master weights (see above); frozen LoRA bases keep their dtype
+            parameter.data = parameter.data.float()
+    return MixtureLM(autocast_forward(model, precision)), reference, tokenizer
+
+# %% ../nbs/05_grpo.ipynb #cff8a798
+def batch_shape(config: TrainConfig, num_processes: int) -> tuple[int, int, int]:
+    "Sequences per process, per `generate` call and per backward micro-batch; a batch that does not split raises."
+    total, accumulation = config.sequences_per_step, config.gradient_accumulation_steps
+    if total % (num_processes * accumulation):
+        raise ValueError(f"gradient_accumulation_steps: prompts_per_step × num_generations = {total} must split "
+                         f"evenly over {num_processes} processes × {accumulation} micro-batches")
+    local = total // num_processes
+    micro = local // accumulation
+    generation = config.generation_batch_size or local
+    if local % generation or generation % micro:
+        raise ValueError(f"generation_batch_size: must divide the {local} sequences per process and be a multiple "
+                         f"of the micro-batch ({micro} = {local} / gradient_accumulation_steps), got {generation}")
+    return local, generation, micro
+
+
+def split_rollout(rollout, size: int) -> list:
+    "`rollout` cut into consecutive groups of `size` sequences (the backward micro-batches)."
+    from motg.mixture import Mixture
+    rows = rollout.completion_mask.shape[0]
+
+    def part(value, sl: slice):
+        if isinstance(value, Mixture):
+            return value.map(lambda t: t[sl])
+        if (isinstance(value, list) or (isinstance(value, Tensor) and value.dim())) and len(value) == rows:
+            return value[sl]
+        return value  # the mixer, the answer temperature
+    return [replace(rollout, **{f.name: part(getattr(rollout, f.name), slice(start, start + size))
+                                for f in fields(rollout)}) for start in range(0, rows, size)]
+
+# %% ../nbs/05_grpo.ipynb #a6c72d39
 TIMING_METRICS = ("step_time", "tokens_per_s", "rollout_time", "update_time", "eval_time")
 
 
-def _gather_cat(accelerator, x: Tensor) -> Tensor:
-    return accelerator.gather(x.contiguous()) if accelerator.num_processes > 1 else x
+@dataclass
+class TrainingSetup:
+    "What the steps of one run use: the config, the accelerator, the prepared model and its unwrapped policy, data, optimizer."
+    config: TrainConfig  # with its prompt style resolved
+    accelerator: object
+    model: nn.Module  # the prepared policy (wrapped by DDP/FSDP/DeepSpeed under accelerate launch): backward passes
+    policy: nn.Module  # the unwrapped MixtureLM: rollouts, evaluation, and the reference with LoRA
+    reference: nn.Module | None  # a frozen copy of the initial model (β > 0 without LoRA)
+    tokenizer: object
+    mixer: object
+    optimizer: object
+    scheduler: object
+    train_rows: list[dict]
+    test_rows: list[dict]
+    shape: tuple[int, int, int]  # sequences per process, per generate call, per micro-batch (batch_shape)
+    precision: str  # 'bf16' or 'no'
+    base_model_folder: str
+    metrics_lines: int = 0  # lines of metrics.jsonl written so far
 
 
-def _sum_across(accelerator, x: Tensor) -> Tensor:
-    return accelerator.reduce(x.clone(), reduction="sum") if accelerator.num_processes > 1 else x
+def build_optimizer(config: TrainConfig, model: nn.Module, updates: int):
+    "AdamW or SGD over the trainable weights, and the learning-rate schedule over `updates` updates."
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                      eps=config.adam_epsilon, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    warmup = config.warmup_steps or int(math.ceil(config.warmup_ratio * updates))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.lr_scheduler_type, warmup, updates))
 
-
-def _average_gradients(accelerator, params: list[Tensor]) -> None:
-    "All-reduce the gradients to their mean over processes, in one flat buffer (DDP's arithmetic)."
-    if accelerator.num_processes == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
-        offset += g.numel()
-
-
-def _save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, metrics_lines: int, config: TrainConfig,
-                     accelerator) -> Path:
-    folder = out_dir / "checkpoints"
-    final, tmp = folder / f"step-{step:06d}", folder / f"step-{step:06d}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+# %% ../nbs/05_grpo.ipynb #966981ed
+def setup_training(config: TrainConfig, out_dir: Path, resume: bool = False, overwrite: bool = False) -> TrainingSetup:
+    "Check everything, make the run folder, load policy, data and optimizer, and pass them through `accelerator.prepare`."
+    from accelerate import Accelerator
+    from motg.base import check_model_spec
+    from motg.experiment import prepare_run_dir, relative_to_root, write_json
+    from motg.mixture import make_mixer
+    from motg.tasks import load_task, with_prompts
+    cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=cpu, step_scheduler_with_optimizer=False)
+    precision = resolve_mixed_precision(config.mixed_precision, accelerator.device, accelerator.mixed_precision)
+    shape = batch_shape(config, accelerator.num_processes)
+    check_model_spec(config.model)  # an unusable model spec, or an unknown task, raises before any folder exists
+    load_task(config.task, "test", 1, 0)
+    # 'auto' resolved and 'chat' checked from the tokenizer alone, before any folder exists; config.json records it
+    config = replace(config, prompt_style=model_prompt_style(config.model, config.prompt_style))
+    _run_state(config, out_dir, resume, overwrite)
     accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "step": step, "metrics_lines": metrics_lines,
-                    "num_processes": accelerator.num_processes}, tmp / "state.pt")
+        prepare_run_dir(out_dir, overwrite=overwrite, resume=resume)
+        write_json(out_dir / "config.json", config.to_dict())
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)  # atomic: a checkpoint folder without .tmp is complete
-        for old in checkpoint_dirs(out_dir)[:-config.save_total_limit]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def _load_checkpoint(folder: Path, model, optimizer, scheduler, accelerator) -> dict:
-    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rng_file = folder / f"rng-{accelerator.process_index}.pt"
-    if state["num_processes"] == accelerator.num_processes and rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return state
+    policy, reference, tokenizer = load_policy(config, accelerator.device, precision)
+    base = getattr(policy.model, "name_or_path", "") or config.model  # a warm preset: its cache folder
+    base = relative_to_root(base) if Path(base).is_dir() else base  # results never store absolute paths
+    # the prompts the model trains on are the ones it is evaluated on (motg.experiment.evaluate_run does the same)
+    rows = lambda split, size: with_prompts(list(load_task(config.task, split, size, config.seed)),
+                                            config.prompt_style, tokenizer)
+    optimizer, scheduler = build_optimizer(config, policy, config.steps * config.num_iterations)
+    model, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    return TrainingSetup(config, accelerator, model, accelerator.unwrap_model(model), reference, tokenizer,
+                         make_mixer(config.mixer, **config.mixer_params), optimizer, scheduler,
+                         rows("train", config.train_size), rows("test", config.eval_size) if config.eval_size else [],
+                         shape, precision, base)
 
 
 def _run_state(config: TrainConfig, out_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -451,239 +646,310 @@ def _run_state(config: TrainConfig, out_dir: Path, resume: bool, overwrite: bool
         raise FileExistsError(f"out_dir: {out_dir} already holds a run; choose another out_dir, or pass "
                               "overwrite=True to replace it (resume=True to continue it)")
     if resume and (out_dir / "config.json").exists():
-        saved = {"prompt_style": "plain", **json.loads((out_dir / "config.json").read_text())}  # older runs: plain
+        defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+        # a field a run was written without had its default then (and older runs had plain prompts)
+        saved = {**defaults, "prompt_style": "plain", **json.loads((out_dir / "config.json").read_text())}
         current = config.to_dict()
         changed = [k for k in current if k != "progress" and saved.get(k) != current[k]]
         if changed:
             raise ValueError(f"resume: {out_dir} holds a run with a different config ({changed[0]}: "
                              f"{saved.get(changed[0])!r} there, {current[changed[0]]!r} now)")
 
+# %% ../nbs/05_grpo.ipynb #3417edee
+def _gather_cat(accelerator, x: Tensor) -> Tensor:
+    return accelerator.gather(x.contiguous()) if accelerator.num_processes > 1 else x
+
+
+def _sum_across(accelerator, x: Tensor) -> Tensor:
+    return accelerator.reduce(x.clone(), reduction="sum") if accelerator.num_processes > 1 else x
+
+
+def step_rollouts(setup: TrainingSetup, step: int) -> tuple[list, list[dict]]:
+    "This process's rollouts of `step`, one `generate` call per generation batch (each seeded by its global index), and their rows."
+    from motg.rollout import generate  # looked up at each call (tests record the calls)
+    config, (local, size, _) = setup.config, setup.shape
+    G, calls = config.num_generations, local // size
+    rollouts, rows = [], []
+    setup.policy.eval()
+    for j in range(calls):
+        c = setup.accelerator.process_index * calls + j  # global: the same draws on any number of processes
+        batch = [setup.train_rows[((step - 1) * config.prompts_per_step + s // G) % len(setup.train_rows)]
+                 for s in range(c * size, (c + 1) * size)]
+        generator = torch.Generator(setup.accelerator.device).manual_seed(stable_seed(config.seed, "rollout", step, c))
+        rollouts.append(generate(setup.policy, setup.tokenizer, [row["prompt"] for row in batch], setup.mixer,
+                                 config.max_completion_length, generator, answer="sample",
+                                 answer_temperature=config.answer_temperature,
+                                 max_think_tokens=config.max_think_tokens, keep_hidden=config.log_entropy))
+        rows += batch
+    return rollouts, rows
+
+
+def step_rewards(setup: TrainingSetup, texts: list[str], rows: list[dict], reward_fn=None) -> tuple[Tensor, Tensor]:
+    "Rewards and correctness (score == 1) of this process's completions, gathered from every process in order."
+    from motg.tasks import reward, score
+    scheme = setup.config.reward_scheme
+    local = torch.tensor([[reward(text, row, scheme) if reward_fn is None else reward_fn(text, row),
+                           float(score(text, row) == 1.0)] for text, row in zip(texts, rows)],
+                         device=setup.accelerator.device)
+    rewards, correct = _gather_cat(setup.accelerator, local).unbind(-1)
+    return rewards, correct
+
+
+def reference_logps(setup: TrainingSetup, micro_batches: list) -> list[Tensor | None]:
+    "The reference's log-probs of each micro-batch's actions (None when β = 0): the frozen copy, or the base with LoRA off."
+    from motg.rollout import sequence_logps
+    if setup.config.beta == 0:
+        return [None] * len(micro_batches)
+    setup.policy.eval()
+    with torch.no_grad():
+        if setup.reference is not None:
+            return [sequence_logps(setup.reference, batch, setup.mixer) for batch in micro_batches]
+        with setup.policy.model.disable_adapter():
+            return [sequence_logps(setup.policy, batch, setup.mixer) for batch in micro_batches]
+
+# %% ../nbs/05_grpo.ipynb #25e561f0
+def policy_update(setup: TrainingSetup, micro_batches: list, advantages: list[Tensor], ref_logps: list,
+                  old_logps: list, num_items: Tensor, sums: dict, first: bool) -> tuple[Tensor, Tensor | None]:
+    "Backward over every micro-batch (gradients synchronised on the last) and gradient clipping; returns (loss, grad norm)."
+    from motg.rollout import sequence_logps
+    config, accelerator, model = setup.config, setup.accelerator, setup.model
+    model.train()  # transformers' gradient checkpointing fires only in training mode
+    loss_total = torch.zeros((), device=accelerator.device)
+    for j, batch in enumerate(micro_batches):
+        last = j == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            logps = sequence_logps(model, batch, setup.mixer)
+            if first:
+                if config.num_iterations > 1:
+                    old_logps[j] = logps.detach()
+                gap = ((logps.detach() - batch.logps).abs() * batch.completion_mask).sum()
+                sums["logp_gap"] = sums.get("logp_gap", 0) + gap * config.num_iterations  # once per token
+            loss, metrics = grpo_loss(logps, old_logps[j], ref_logps[j], advantages[j], batch.completion_mask,
+                                      config.beta, config.epsilon, config.epsilon_high, config.loss_type,
+                                      config.max_completion_length, num_items, config.use_bias_correction_kl)
+            loss = loss if config.loss_type == "dapo" else loss / len(micro_batches)  # DAPO's normaliser spans the batch
+            accelerator.backward(loss)
+        loss_total = loss_total + loss.detach()
+        n = metrics.pop("num_tokens")
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0) + value * n
+        sums["num_tokens"] = sums.get("num_tokens", 0) + n
+    loss_value = _sum_across(accelerator, loss_total) / accelerator.num_processes
+    grad_norm = accelerator.clip_grad_norm_(list(model.parameters()), config.max_grad_norm or float("inf"))
+    return loss_value, grad_norm  # grad_norm is None under DeepSpeed, which clips internally
+
+# %% ../nbs/05_grpo.ipynb #d8ce128d
+def train_step(setup: TrainingSetup, step: int, out_dir: Path, reward_fn=None) -> dict:
+    "One step: rollouts, rewards and advantages, reference log-probs, `num_iterations` updates; returns its metrics."
+    config, accelerator = setup.config, setup.accelerator
+    local, _, micro = setup.shape
+    t_start = time.perf_counter()
+    rollouts, rows = step_rollouts(setup, step)
+    t_rollout = time.perf_counter()
+    rewards, correct = step_rewards(setup, [text for r in rollouts for text in r.text], rows, reward_fn)
+    advantages = compute_advantages(rewards, config.num_generations, config.scale_rewards, kind=config.advantage)
+    rank = accelerator.process_index
+    advantages = advantages[rank * local:(rank + 1) * local].split(micro)
+    micro_batches = [part for rollout in rollouts for part in split_rollout(rollout, micro)]
+    ref_logps = reference_logps(setup, micro_batches)
+    local_tokens = sum(batch.completion_mask.sum() for batch in micro_batches).float()
+    num_items = _sum_across(accelerator, local_tokens) / accelerator.num_processes  # DAPO: global tokens, per process
+    old_logps, sums, losses, grad_norms = [None] * len(micro_batches), {}, [], []
+    for iteration in range(config.num_iterations):
+        loss, grad_norm = policy_update(setup, micro_batches, advantages, ref_logps, old_logps, num_items, sums,
+                                        first=iteration == 0)
+        bad = not torch.isfinite(loss) or (grad_norm is not None and not torch.isfinite(grad_norm))
+        grad_norm = torch.tensor(math.nan) if grad_norm is None else grad_norm  # DeepSpeed: not reported
+        if bad:
+            last = checkpoint_dirs(out_dir)
+            raise RuntimeError(
+                f"step {step}: non-finite {'loss' if not torch.isfinite(loss) else 'gradient norm'} "
+                f"(loss {loss.item()}, grad norm {grad_norm.item()}); the run stopped before the "
+                f"update. The last good checkpoint is {last[-1] if last else 'none (none was saved yet)'}")
+        lr = setup.scheduler.get_last_lr()[0]
+        losses.append(loss.item())
+        grad_norms.append(grad_norm.item())
+        setup.optimizer.step()
+        setup.scheduler.step()
+        setup.optimizer.zero_grad(set_to_none=True)
+    times = (t_start, t_rollout, time.perf_counter())
+    return step_metrics(setup, step, rollouts, rewards, correct, sums, num_items, losses, grad_norms, lr, times)
+
+# %% ../nbs/05_grpo.ipynb #1030ae2e
+def step_metrics(setup: TrainingSetup, step: int, rollouts: list, rewards: Tensor, correct: Tensor, sums: dict,
+                 num_items: Tensor, losses: list, grad_norms: list, lr: float, times: tuple) -> dict:
+    "The line of `metrics.jsonl` for one step, over all processes."
+    accelerator, G, world = setup.accelerator, setup.config.num_generations, setup.accelerator.num_processes
+    keys = sorted(sums)
+    totals = _sum_across(accelerator, torch.stack([torch.as_tensor(sums[k], dtype=torch.float32,
+                                                                   device=accelerator.device) for k in keys]))
+    totals = dict(zip(keys, totals.tolist()))
+    tokens = totals.pop("num_tokens")  # action tokens × iterations
+    completion_tokens = num_items.item() * world  # action tokens of the global batch
+    lengths = _gather_cat(accelerator, torch.stack([torch.cat([r.completion_mask.sum(-1) for r in rollouts]).float(),
+                                                    torch.cat([r.think_mask.sum(-1) for r in rollouts]).float()], -1))
+    entropy = {}
+    if setup.config.log_entropy:  # the next-token entropy (temperature 1) at the actions, and at the thinking actions
+        sums_h = _sum_across(accelerator, torch.stack([sum((r.entropy * r.completion_mask).sum() for r in rollouts),
+                                                       sum((r.entropy * r.think_mask).sum() for r in rollouts),
+                                                       sum(r.think_mask.sum() for r in rollouts).float()]))
+        entropy = {"entropy": sums_h[0].item() / max(completion_tokens, 1.0),
+                   "think_entropy": sums_h[1].item() / max(sums_h[2].item(), 1.0)}
+    t_start, t_rollout, t_update = times
+    step_time = time.perf_counter() - t_start
+    return {"step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+            "accuracy": correct.mean().item(),
+            "frac_reward_zero_std": (rewards.view(-1, G).std(-1) == 0).float().mean().item(),
+            "loss": sum(losses) / len(losses), "grad_norm": sum(grad_norms) / len(grad_norms), "lr": lr,
+            **{key: value / max(tokens, 1.0) for key, value in totals.items()}, **entropy,
+            "completion_length": lengths[:, 0].mean().item(), "thinking_length": lengths[:, 1].mean().item(),
+            "rollout_time": t_rollout - t_start, "update_time": t_update - t_rollout, "step_time": step_time,
+            "tokens_per_s": completion_tokens / step_time}
+
+
+def evaluate_during_training(setup: TrainingSetup) -> dict:
+    "Held-out accuracy of the policy (`evaluate_accuracy`) and its time; {} when there is nothing to evaluate."
+    config = setup.config
+    if not setup.test_rows or not (config.eval_greedy or config.eval_num_samples):
+        return {}
+    t0 = time.perf_counter()
+    setup.policy.eval()
+    results = evaluate_accuracy(setup.policy, setup.tokenizer, setup.test_rows, setup.mixer, config, setup.accelerator)
+    return {**results, "eval_time": time.perf_counter() - t0}
+
+# %% ../nbs/05_grpo.ipynb #3eeaf4ea
+def trainable_state(setup: TrainingSetup) -> dict[str, Tensor]:
+    "The weights a checkpoint keeps: the whole model, or with LoRA only the adapters."
+    state = setup.policy.model.state_dict(keep_vars=True)
+    keep = (lambda v: v.requires_grad) if setup.config.use_peft else (lambda v: True)
+    return {name: value.detach() for name, value in state.items() if keep(value)}
+
+
+def save_checkpoint(setup: TrainingSetup, out_dir: Path, step: int) -> Path:
+    "Write checkpoint `step` (weights, optimizer, scheduler, RNG states of every process), renamed into place when complete."
+    accelerator, folder = setup.accelerator, out_dir / "checkpoints"
+    final, tmp = folder / f"step-{step:06d}", folder / f"step-{step:06d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        torch.save({"model": trainable_state(setup), "optimizer": setup.optimizer.state_dict(),
+                    "scheduler": setup.scheduler.state_dict(), "step": step, "metrics_lines": setup.metrics_lines,
+                    "num_processes": accelerator.num_processes}, tmp / "state.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # atomic: a checkpoint folder without .tmp is complete
+        for old in checkpoint_dirs(out_dir)[:-setup.config.save_total_limit]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(setup: TrainingSetup, folder: Path) -> dict:
+    "Restore weights, optimizer, scheduler and (same number of processes) RNG states from `folder`; returns its state."
+    state = load_checkpoint_file(folder / "state.pt")
+    result = setup.policy.model.load_state_dict(state["model"], strict=not setup.config.use_peft)
+    if result.unexpected_keys:
+        raise ValueError(f"checkpoint: {folder} holds weights this model does not have: {result.unexpected_keys[:3]}")
+    setup.optimizer.load_state_dict(state["optimizer"])
+    setup.scheduler.load_state_dict(state["scheduler"])
+    rng_file = folder / f"rng-{setup.accelerator.process_index}.pt"
+    if state["num_processes"] == setup.accelerator.num_processes and rng_file.exists():
+        set_rng_state(load_checkpoint_file(rng_file))
+    return state
+
+
+def save_final_model(setup: TrainingSetup, out_dir: Path) -> None:
+    "The trained model and tokenizer in `out_dir/model` (with LoRA: merged in fp32, and the adapters in `out_dir/adapter`)."
+    model = setup.policy.model
+    if setup.config.use_peft:
+        model.peft_config["default"].base_model_name_or_path = setup.base_model_folder  # never an absolute path
+        model.save_pretrained(out_dir / "adapter")
+        model = model.float().merge_and_unload()
+    model.save_pretrained(out_dir / "model")
+    setup.tokenizer.save_pretrained(out_dir / "model")
+
+# %% ../nbs/05_grpo.ipynb #bd59a66c
+def start_or_resume(setup: TrainingSetup, out_dir: Path, resume: bool) -> int:
+    "The last completed step (0 for a new run): load the last checkpoint, or seed the global RNGs."
+    start_step = 0
+    checkpoints = checkpoint_dirs(out_dir) if resume else []
+    rank, metrics_path = setup.accelerator.process_index, out_dir / "metrics.jsonl"
+    if checkpoints:
+        state = load_checkpoint(setup, checkpoints[-1])
+        start_step, setup.metrics_lines = state["step"], state["metrics_lines"]
+    else:
+        torch.manual_seed(stable_seed(setup.config.seed, "torch", rank))
+        random.seed(stable_seed(setup.config.seed, "python", rank))
+        np.random.seed(stable_seed(setup.config.seed, "numpy", rank) % 2 ** 32)
+    if setup.accelerator.is_main_process:  # drop lines written after the checkpoint we resume from
+        lines = metrics_path.read_text().splitlines(keepends=True) if metrics_path.exists() else []
+        metrics_path.write_text("".join(lines[:setup.metrics_lines]))
+    setup.accelerator.wait_for_everyone()
+    return start_step
+
+
+def log_metrics(setup: TrainingSetup, out_dir: Path, record: dict) -> None:
+    "Append `record` to `metrics.jsonl` (main process) and count the line (every process)."
+    setup.metrics_lines += 1
+    if setup.accelerator.is_main_process:
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def finish_run(setup: TrainingSetup, out_dir: Path, record: dict, initial_eval: dict, start_time: float,
+               reward_fn=None) -> dict:
+    "Save the final model and write `train_summary.json` (last); returns what `train` returns."
+    from motg.experiment import provenance, write_json
+    config, metrics_path = setup.config, out_dir / "metrics.jsonl"
+    lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+    evals = lambda line: {k: v for k, v in line.items() if k.startswith("eval_")}
+    final_eval = evals(record if record or not lines else json.loads(lines[-1]))  # a finished run resumed: its last
+    if setup.accelerator.is_main_process:
+        initial_eval = initial_eval or (evals(json.loads(lines[0])) if lines else {})
+        save_final_model(setup, out_dir)
+        summary = {"initial": initial_eval, "final": final_eval, "steps": config.steps, "last_step_metrics": record,
+                   "provenance": provenance(config.to_dict(), seeds={"seed": config.seed},
+                                            wall_time_s=time.time() - start_time,
+                                            num_processes=setup.accelerator.num_processes,
+                                            base_model_folder=setup.base_model_folder,
+                                            reward_fn=None if reward_fn is None else getattr(
+                                                reward_fn, "__qualname__", repr(reward_fn)))}
+        write_json(out_dir / "train_summary.json", summary)
+    setup.accelerator.wait_for_everyone()
+    return {"out_dir": str(out_dir), "initial": initial_eval, "final": final_eval, "last_step_metrics": record}
+
 # %% ../nbs/05_grpo.ipynb #31e06026
 def train(config: TrainConfig, out_dir: Path | str, resume: bool = False, overwrite: bool = False,
           reward_fn: Callable[[str, dict], float] | None = None) -> dict:
     "Train `config` into `out_dir`; returns the final metrics and evaluation. `resume` continues from the last checkpoint."
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
-    from motg.base import load_model
-    from motg.experiment import prepare_run_dir, provenance, relative_to_root, write_json
-    from motg.mixture import make_mixer
-    from motg.rollout import generate, sequence_logps
-    from motg.tasks import load_task, reward, score, with_prompts
-
     start_time = time.time()
     if reward_fn is not None and not callable(reward_fn):
         raise ValueError(f"reward_fn: must be None or a callable (completion, row) -> float, got {reward_fn!r}")
-    config = replace(config).validate()  # a copy, checked again (fields may have been assigned since)
     out_dir = Path(out_dir)
-    accelerator = Accelerator(cpu=config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()))
-    world, rank, A = accelerator.num_processes, accelerator.process_index, config.gradient_accumulation_steps
-    if config.sequences_per_step % (world * A):
-        raise ValueError(f"prompts_per_step: prompts_per_step × num_generations = {config.sequences_per_step} must "
-                         f"split evenly over {world} processes × {A} accumulation steps")
-    from motg.base import check_model_spec
-    check_model_spec(config.model)  # an unusable model spec, or an unknown task, raises before any folder exists
-    load_task(config.task, "test", 1, 0)
-    # 'auto' resolved and 'chat' checked from the tokenizer alone, before any folder exists; config.json records it
-    config = replace(config, prompt_style=model_prompt_style(config.model, config.prompt_style))
-    _run_state(config, out_dir, resume, overwrite)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        prepare_run_dir(out_dir, overwrite=overwrite, resume=resume)
-        write_json(out_dir / "config.json", config.to_dict())
-    accelerator.wait_for_everyone()
-
-    # Model, reference, mixer, data, optimizer, schedule
-    model, tokenizer = load_model(config.model, device=accelerator.device)
-    base_model_folder = getattr(model, "name_or_path", "") or config.model  # a warm preset: its cache folder
-    if Path(base_model_folder).is_dir():
-        base_model_folder = relative_to_root(base_model_folder)  # results never store absolute paths
-    model = model.eval()
-    reference = None
-    if config.beta > 0:
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
-    mixer = make_mixer(config.mixer, **config.mixer_params)
-    # the prompts the model trains on are the ones it is evaluated on (motg.experiment.evaluate_run does the same)
-    train_rows = with_prompts(list(load_task(config.task, "train", config.train_size, config.seed)),
-                              config.prompt_style, tokenizer)
-    test_rows = with_prompts(list(load_task(config.task, "test", config.eval_size, config.seed)),
-                             config.prompt_style, tokenizer) if config.eval_size else []
-    params = [p for p in model.parameters() if p.requires_grad]
-    if config.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                      eps=config.adam_epsilon, weight_decay=config.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    updates = config.steps * config.num_iterations
-    warmup = config.warmup_steps or int(math.ceil(config.warmup_ratio * updates))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.lr_scheduler_type, warmup, updates))
-
-    # Where to start
-    metrics_path = out_dir / "metrics.jsonl"
-    start_step, metrics_lines = 0, 0
-    checkpoints = checkpoint_dirs(out_dir) if resume else []
-    if checkpoints:
-        state = _load_checkpoint(checkpoints[-1], model, optimizer, scheduler, accelerator)
-        start_step, metrics_lines = state["step"], state["metrics_lines"]
-    else:
-        torch.manual_seed(stable_seed(config.seed, "torch", rank))
-        random.seed(stable_seed(config.seed, "python", rank))
-        np.random.seed(stable_seed(config.seed, "numpy", rank) % 2 ** 32)
-    if accelerator.is_main_process:  # drop lines written after the checkpoint we resume from
-        lines = metrics_path.read_text().splitlines(keepends=True) if metrics_path.exists() else []
-        metrics_path.write_text("".join(lines[:metrics_lines]))
-    accelerator.wait_for_everyone()
-
-    def log(record: dict) -> None:
-        nonlocal metrics_lines
-        metrics_lines += 1
-        if accelerator.is_main_process:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def evaluate(step: int) -> dict:
-        if not test_rows or not (config.eval_greedy or config.eval_num_samples):
-            return {}
-        t0 = time.perf_counter()
-        results = evaluate_accuracy(model, tokenizer, test_rows, mixer, config, accelerator)
-        return {**results, "eval_time": time.perf_counter() - t0}
-
+    setup = setup_training(replace(config).validate(), out_dir, resume, overwrite)  # a copy, checked again
+    config = setup.config
+    start_step = start_or_resume(setup, out_dir, resume)
     initial_eval = {}
     if start_step == 0:
-        initial_eval = evaluate(0)
-        log({"step": 0, **initial_eval})
-
-    G, m = config.num_generations, config.sequences_per_step // (world * A)  # m: sequences per micro-batch
-    bar = tqdm(total=config.steps, initial=start_step, disable=not (config.progress and accelerator.is_main_process),
-               desc=f"{config.mixer} on {config.task}")
+        initial_eval = evaluate_during_training(setup)
+        log_metrics(setup, out_dir, {"step": 0, **initial_eval})
     record = {}
-    for step in range(start_step + 1, config.steps + 1):
-        t_start = time.perf_counter()
-        # 1. Rollouts, one generate call per micro-batch, each from its own generator
-        rollouts, local_rows = [], []
-        for j in range(A):
-            c = rank * A + j  # global micro-batch index
-            rows = [train_rows[((step - 1) * config.prompts_per_step + s // G) % len(train_rows)]
-                    for s in range(c * m, (c + 1) * m)]
-            generator = torch.Generator(accelerator.device).manual_seed(stable_seed(config.seed, "rollout", step, c))
-            rollouts.append(generate(model, tokenizer, [row["prompt"] for row in rows], mixer,
-                                     config.max_completion_length, generator, answer="sample",
-                                     answer_temperature=config.answer_temperature,
-                                     max_think_tokens=config.max_think_tokens, keep_hidden=config.log_entropy))
-            local_rows += rows
-        t_rollout = time.perf_counter()
-        # 2. Rewards over the whole batch, advantages, this process's slice
-        texts = [text for rollout in rollouts for text in rollout.text]
-        local = torch.tensor([[reward(text, row, config.reward_scheme) if reward_fn is None else reward_fn(text, row),
-                               float(score(text, row) == 1.0)]
-                              for text, row in zip(texts, local_rows)], device=accelerator.device)
-        rewards, correct = _gather_cat(accelerator, local).unbind(-1)
-        advantages = compute_advantages(rewards, G, config.scale_rewards, kind=config.advantage)
-        advantages = advantages[rank * A * m:(rank + 1) * A * m].split(m)
-        # 3. Reference log-probs
-        ref_logps = [None] * A
-        if reference is not None:
-            with torch.no_grad():
-                ref_logps = [sequence_logps(reference, rollout, mixer) for rollout in rollouts]
-        local_tokens = sum(rollout.completion_mask.sum() for rollout in rollouts).float()
-        num_items = _sum_across(accelerator, local_tokens) / world  # DAPO: tokens of the global batch, per process
-        # 4. Updates
-        old_logps = [None] * A
-        sums = {}  # token-weighted sums of the loss metrics, over micro-batches and iterations
-        losses, grad_norms = [], []
-        for iteration in range(config.num_iterations):
-            loss_total = torch.zeros((), device=accelerator.device)
-            for j, rollout in enumerate(rollouts):
-                mask = rollout.completion_mask
-                logps = sequence_logps(model, rollout, mixer)
-                if iteration == 0:
-                    if config.num_iterations > 1:
-                        old_logps[j] = logps.detach()
-                    gap = ((logps.detach() - rollout.logps).abs() * mask).sum()
-                    sums["logp_gap"] = sums.get("logp_gap", 0) + gap * config.num_iterations  # once per token
-                loss, metrics = grpo_loss(logps, old_logps[j], ref_logps[j], advantages[j], mask, config.beta,
-                                          config.epsilon, config.epsilon_high, config.loss_type,
-                                          config.max_completion_length, num_items, config.use_bias_correction_kl)
-                loss = loss if config.loss_type == "dapo" else loss / A  # DAPO's normaliser spans the batch
-                loss.backward()
-                loss_total = loss_total + loss.detach()
-                n = metrics.pop("num_tokens")
-                for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0) + value * n
-                sums["num_tokens"] = sums.get("num_tokens", 0) + n
-            _average_gradients(accelerator, params)
-            loss_value = _sum_across(accelerator, loss_total) / world
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
-            if not (torch.isfinite(loss_value) and torch.isfinite(grad_norm)):
-                last = checkpoint_dirs(out_dir)
-                bar.close()
-                raise RuntimeError(
-                    f"step {step}: non-finite {'loss' if not torch.isfinite(loss_value) else 'gradient norm'} "
-                    f"(loss {loss_value.item()}, grad norm {grad_norm.item()}); the run stopped before the "
-                    f"update. The last good checkpoint is {last[-1] if last else 'none (none was saved yet)'}")
-            lr = scheduler.get_last_lr()[0]
-            losses.append(loss_value.item())
-            grad_norms.append(grad_norm.item())
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        t_update = time.perf_counter()
-
-        # 5. Metrics of the step, over all processes
-        keys = sorted(sums)
-        totals = _sum_across(accelerator, torch.stack([torch.as_tensor(sums[k], dtype=torch.float32,
-                                                                       device=accelerator.device) for k in keys]))
-        totals = dict(zip(keys, totals.tolist()))
-        tokens = totals.pop("num_tokens")  # action tokens × iterations
-        completion_tokens = num_items.item() * world  # action tokens of the global batch
-        lengths = torch.stack([torch.cat([r.completion_mask.sum(-1) for r in rollouts]).float(),
-                               torch.cat([r.think_mask.sum(-1) for r in rollouts]).float()], -1)
-        lengths = _gather_cat(accelerator, lengths)
-        entropy = {}
-        if config.log_entropy:  # the next-token entropy (temperature 1) at the actions, and at the thinking actions
-            sums_h = _sum_across(accelerator, torch.stack([sum((r.entropy * r.completion_mask).sum() for r in rollouts),
-                                                           sum((r.entropy * r.think_mask).sum() for r in rollouts),
-                                                           sum(r.think_mask.sum() for r in rollouts).float()]))
-            entropy = {"entropy": sums_h[0].item() / max(completion_tokens, 1.0),
-                       "think_entropy": sums_h[1].item() / max(sums_h[2].item(), 1.0)}
-        step_time = time.perf_counter() - t_start
-        record = {"step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-                  "accuracy": correct.mean().item(),
-                  "frac_reward_zero_std": (rewards.view(-1, G).std(-1) == 0).float().mean().item(),
-                  "loss": sum(losses) / len(losses), "grad_norm": sum(grad_norms) / len(grad_norms), "lr": lr,
-                  **{key: value / max(tokens, 1.0) for key, value in totals.items()},
-                  **entropy,
-                  "completion_length": lengths[:, 0].mean().item(), "thinking_length": lengths[:, 1].mean().item(),
-                  "rollout_time": t_rollout - t_start, "update_time": t_update - t_rollout, "step_time": step_time,
-                  "tokens_per_s": completion_tokens / step_time}
-        if step == config.steps or (config.eval_steps and step % config.eval_steps == 0):
-            record.update(evaluate(step))
-        log(record)
-        bar.update(1)
-        bar.set_postfix({"reward": f"{record['reward_mean']:.3f}", "acc": f"{record['accuracy']:.2f}",
-                         **({"eval": f"{record['eval_greedy_accuracy']:.2f}"}
-                            if "eval_greedy_accuracy" in record else {})})
-        if (config.save_steps and step % config.save_steps == 0) or step == config.steps:
-            _save_checkpoint(out_dir, step, model, optimizer, scheduler, metrics_lines, config, accelerator)
-    bar.close()
-
-    # The final model, and the summary last
-    final_eval = {k: v for k, v in record.items() if k.startswith("eval_")}
-    if not record and metrics_path.exists():  # resumed a run that had already finished its steps
-        final_eval = {k: v for k, v in json.loads(metrics_path.read_text().splitlines()[-1]).items()
-                      if k.startswith("eval_")}
-    if accelerator.is_main_process:
-        if not initial_eval and metrics_path.exists():
-            initial_eval = {k: v for k, v in json.loads(metrics_path.read_text().splitlines()[0]).items()
-                            if k.startswith("eval_")}
-        model.save_pretrained(out_dir / "model")
-        tokenizer.save_pretrained(out_dir / "model")
-        summary = {"initial": initial_eval, "final": final_eval, "steps": config.steps,
-                   "last_step_metrics": record,
-                   "provenance": provenance(config.to_dict(), seeds={"seed": config.seed},
-                                            wall_time_s=time.time() - start_time, num_processes=world,
-                                            base_model_folder=base_model_folder,
-                                            reward_fn=None if reward_fn is None else getattr(
-                                                reward_fn, "__qualname__", repr(reward_fn)))}
-        write_json(out_dir / "train_summary.json", summary)
-    accelerator.wait_for_everyone()
-    return {"out_dir": str(out_dir), "initial": initial_eval, "final": final_eval, "last_step_metrics": record}
+    with tqdm(total=config.steps, initial=start_step, desc=f"{config.mixer} on {config.task}",
+              disable=not (config.progress and setup.accelerator.is_main_process)) as bar:
+        for step in range(start_step + 1, config.steps + 1):
+            record = train_step(setup, step, out_dir, reward_fn)
+            if step == config.steps or (config.eval_steps and step % config.eval_steps == 0):
+                record.update(evaluate_during_training(setup))
+            log_metrics(setup, out_dir, record)
+            bar.update(1)
+            bar.set_postfix({"reward": f"{record['reward_mean']:.3f}", "acc": f"{record['accuracy']:.2f}",
+                             **({"eval": f"{record['eval_greedy_accuracy']:.2f}"}
+                                if "eval_greedy_accuracy" in record else {})})
+            if (config.save_steps and step % config.save_steps == 0) or step == config.steps:
+                save_checkpoint(setup, out_dir, step)
+    return finish_run(setup, out_dir, record, initial_eval, start_time, reward_fn)

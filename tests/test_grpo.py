@@ -135,7 +135,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def final_state(run_dir: Path) -> dict:
-    return torch.load(sorted((Path(run_dir) / "checkpoints").glob("step-*"))[-1] / "state.pt", weights_only=False)
+    return torch.load(sorted((Path(run_dir) / "checkpoints").glob("step-*"))[-1] / "state.pt", weights_only=True)
 
 
 @pytest.mark.parametrize("mixer", ["hard", "dirichlet"])
@@ -159,7 +159,10 @@ def test_training_loss_is_finite_and_parameters_change(tmp_path, mixer):
     (dict(mixer="nope"), "mixer"), (dict(mixer="soft_thinking"), "mixer"), (dict(steps=0), "steps"),
     (dict(num_generations=1), "num_generations"), (dict(beta=-0.1), "beta"), (dict(epsilon=-0.2), "epsilon"),
     (dict(learning_rate=0.0), "learning_rate"), (dict(loss_type="ppo"), "loss_type"),
-    (dict(scale_rewards="always"), "scale_rewards"), (dict(advantage="ppo"), "advantage")])
+    (dict(scale_rewards="always"), "scale_rewards"), (dict(advantage="ppo"), "advantage"),
+    (dict(mixed_precision="fp16"), "mixed_precision"), (dict(torch_dtype="int8"), "torch_dtype"),
+    (dict(lora_r=8), "lora_r"), (dict(lora_alpha=8, lora_target_modules=["q_proj"]), "lora_alpha, lora_target_modules"),
+    (dict(generation_batch_size=3), "generation_batch_size"), (dict(gradient_checkpointing="yes"), "gradient_checkpointing")])
 def test_bad_config_raises_before_any_folder_is_created(tmp_path, overrides, word):
     with pytest.raises(ValueError, match=f"^{word}"):
         tiny_config(**overrides)
@@ -175,6 +178,14 @@ def test_batch_that_does_not_split_over_processes_raises_before_any_folder(tmp_p
     config = tiny_config(prompts_per_step=1, num_generations=3)
     config.gradient_accumulation_steps = 2  # 3 sequences cannot make 2 micro-batches
     with pytest.raises(ValueError, match="^gradient_accumulation_steps"):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_generation_batch_that_does_not_split_into_micro_batches_raises_before_any_folder(tmp_path):
+    config = tiny_config(generation_batch_size=2, gradient_accumulation_steps=2)  # micro-batches of 4 sequences
+    with pytest.raises(ValueError, match="^generation_batch_size: must divide the 8 sequences per process and be a "
+                                         "multiple of the micro-batch"):
         train(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
@@ -261,8 +272,9 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     # The same global batch: 2 prompts × 4 completions, split into 2 micro-batches of 4, either on 2 processes
     # (gloo, one micro-batch each) or on one process accumulating both.
-    single = tiny_config(steps=3, beta=0.05, gradient_accumulation_steps=2)
-    double = tiny_config(steps=3, beta=0.05, gradient_accumulation_steps=1)
+    # The same generation batches (4 sequences each) on both, so both draw the same completions.
+    single = tiny_config(steps=3, beta=0.05, gradient_accumulation_steps=2, generation_batch_size=4)
+    double = tiny_config(steps=3, beta=0.05, gradient_accumulation_steps=1, generation_batch_size=4)
     run_script(tmp_path, single, tmp_path / "single")
     # `accelerate launch --cpu` starts a single process unless MPI is installed; `--multi_gpu` starts 2 processes
     # through torchrun, and the trainer's Accelerator(cpu=True) then joins them over gloo (MULTI_CPU).
@@ -367,3 +379,166 @@ def test_resume_checks_the_prompt_style_and_reads_older_runs_as_plain(tmp_path):
     del saved["prompt_style"]  # a run written before the setting existed had plain prompts
     (run / "config.json").write_text(json.dumps(saved))
     assert train(config, run, resume=True, reward_fn=text_reward)["out_dir"] == str(run)
+
+
+# --- Precision, memory, LoRA ----------------------------------------------------------------------------------------
+
+def save_bf16_model(folder: Path) -> Path:
+    "The tiny-test model saved in bf16, as the papers' models are on the hub."
+    model, tokenizer = tiny_lm()
+    model.to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("mixed_precision", ["auto", "bf16"])
+def test_from_a_bf16_checkpoint_two_steps_at_5e_6_change_most_weights(tmp_path, mixed_precision):
+    from safetensors.torch import load_file
+    folder = save_bf16_model(tmp_path / "bf16-model")
+    config = tiny_config(model=str(folder), steps=2, learning_rate=5e-6, eval_size=0, mixed_precision=mixed_precision)
+    train(config, tmp_path / "run", reward_fn=text_reward)
+    before, after = load_file(folder / "model.safetensors"), load_file(tmp_path / "run" / "model" / "model.safetensors")
+    assert {v.dtype for v in before.values()} == {torch.bfloat16} and {v.dtype for v in after.values()} == {torch.float32}
+    changed = sum((after[k] != before[k].float()).sum().item() for k in before) / sum(v.numel() for v in before.values())
+    assert changed >= 0.9, changed
+    state = final_state(tmp_path / "run")  # the checkpoint keeps the fp32 master weights and fp32 AdamW moments
+    assert {v.dtype for v in state["model"].values()} == {torch.float32}
+    assert all(s["exp_avg"].dtype == torch.float32 for s in state["optimizer"]["state"].values())
+
+
+def test_resume_refuses_a_checkpoint_holding_a_pickled_object(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(steps=1), run, reward_fn=text_reward)
+    marker = tmp_path / "code-ran"
+
+    class Trap:  # unpickling it would run code (create `marker`)
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    state_file = run / "checkpoints" / "step-000001" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    torch.save({**state, "note": Trap()}, state_file)
+    with pytest.raises(ValueError, match="^checkpoint: .*refusing to unpickle"):
+        train(tiny_config(steps=1), run, resume=True, reward_fn=text_reward)
+    assert not marker.exists()
+
+
+def test_gradient_checkpointing_fires_in_training_and_gives_the_same_update(tmp_path, monkeypatch):
+    import transformers.modeling_utils
+    real, calls = transformers.modeling_utils.checkpoint, []
+
+    def counting_checkpoint(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counting_checkpoint)
+    states = {}
+    for on in [False, True]:
+        calls.clear()
+        config = tiny_config(steps=1, optimizer="sgd", learning_rate=0.5, beta=0.05, eval_size=0,
+                             gradient_accumulation_steps=2, gradient_checkpointing=on)
+        train(config, tmp_path / f"run-{on}", reward_fn=text_reward)
+        # tiny-test has 2 layers: checkpointed in each of the 2 micro-batches' forward passes, never in rollouts
+        assert len(calls) == (2 * 2 if on else 0), (on, len(calls))
+        states[on] = final_state(tmp_path / f"run-{on}")["model"]
+    initial, _ = tiny_lm()
+    assert any(not torch.equal(states[True][k], v) for k, v in initial.state_dict().items())
+    for name, value in states[False].items():
+        assert torch.allclose(value, states[True][name], atol=1e-6, rtol=1e-5), name
+
+
+def test_lora_trains_only_the_adapters_and_the_saved_run_loads(tmp_path):
+    from peft import PeftModel
+    from motg.base import load_model
+    config = tiny_config(steps=2, beta=0.05, use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                         lora_target_modules=["q_proj", "v_proj", "down_proj"], gradient_checkpointing=True)
+    summary = train(config, tmp_path / "run", reward_fn=text_reward)
+    metrics = read_metrics(tmp_path / "run")
+    assert all(math.isfinite(m["loss"]) for m in metrics[1:]) and metrics[-1]["kl"] > 0  # the reference differs
+    state = final_state(tmp_path / "run")["model"]
+    assert state and all(".lora_A." in k or ".lora_B." in k for k in state)  # the checkpoint: adapters only
+    assert any(v.abs().max() > 0 for k, v in state.items() if ".lora_B." in k)  # B starts at 0: it trained
+    base, _ = load_model("tiny-test")
+    merged, _ = load_model(str(tmp_path / "run" / "model"))  # the run's model loads as any model
+    moved = {n for n, p in merged.state_dict().items() if not torch.equal(p, base.state_dict()[n])}
+    assert moved and all(n.endswith(("q_proj.weight", "v_proj.weight", "down_proj.weight")) for n in moved)
+    adapted = PeftModel.from_pretrained(load_model("tiny-test")[0], tmp_path / "run" / "adapter")
+    for name, p in adapted.named_parameters():  # the base weights under the adapters are the initial ones
+        if "lora_" not in name:
+            assert torch.equal(p, base.state_dict()[name.replace("base_model.model.", "").replace(".base_layer", "")]), name
+    assert "eval_greedy_accuracy" in summary["final"]
+
+
+def test_lora_run_resumes_bitwise(tmp_path):
+    import shutil
+    config = tiny_config(steps=3, beta=0.05, use_peft=True, lora_r=4, lora_dropout=0.0, save_total_limit=3)
+    train(config, tmp_path / "straight", reward_fn=text_reward)
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-000003")  # as if killed during step 3
+    train(config, tmp_path / "resumed", resume=True, reward_fn=text_reward)
+    straight, resumed = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    assert straight["step"] == resumed["step"] == 3 and straight["model"].keys() == resumed["model"].keys()
+    for name, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][name]), name
+    assert read_metrics(tmp_path / "straight") == read_metrics(tmp_path / "resumed")
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_one_step_is_the_same_for_every_micro_batch_size(tmp_path, loss_type):
+    # All 8 sequences generated in one call; back-propagated in 1, 2 or 4 micro-batches. Plain SGD, so the update
+    # is the gradient itself (AdamW's first step would hide its size).
+    runs = {}
+    for accumulation in [1, 2, 4]:
+        config = tiny_config(steps=1, optimizer="sgd", learning_rate=0.5, beta=0.05, loss_type=loss_type,
+                             eval_size=0, gradient_accumulation_steps=accumulation)
+        train(config, tmp_path / f"run-{accumulation}", reward_fn=text_reward)
+        runs[accumulation] = (final_state(tmp_path / f"run-{accumulation}")["model"],
+                              read_metrics(tmp_path / f"run-{accumulation}")[-1])
+    (one, first), initial = runs[1], tiny_lm()[0].state_dict()
+    assert first["grad_norm"] > 0 and any(not torch.equal(one[k], v) for k, v in initial.items())
+    for accumulation in [2, 4]:
+        state, metrics = runs[accumulation]
+        for name, value in one.items():
+            assert torch.allclose(value, state[name], atol=1e-6, rtol=1e-5), (accumulation, name)
+        for key in ["loss", "grad_norm", "kl", "reward_mean"]:
+            assert metrics[key] == pytest.approx(first[key], rel=1e-5, abs=1e-7), (accumulation, key)
+
+
+class LargestVocabTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    "Records the shape of every tensor an op returns whose last dimension is the vocabulary."
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size, self.shapes = vocab_size, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == self.vocab_size:
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+def test_no_batch_by_steps_by_vocab_tensor_in_the_loss_or_evaluation():
+    from motg.grpo import evaluate_accuracy
+    from motg.tasks import load_task
+    model, tokenizer = tiny_lm(seed=0)
+    V, B, T, chunk = len(tokenizer), 3, 150, 64  # sequence_logps' default chunk: 64 steps
+    assert model.config.hidden_size != V
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, ["12+3=<think>", "7*8<think>", "a<think>"])
+    ids = torch.randint(10, V, (B, T), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mixer = make_mixer("hard")
+    rollout = Rollout(prompt_ids, prompt_mask, Mixture.from_tokens(ids), mask, mask, mask & (torch.arange(T) < 100),
+                      torch.zeros(B, T), [""] * B, mixer, 1.0)
+    with LargestVocabTensor(V) as recorder:
+        logps = sequence_logps(model, rollout, mixer)
+        loss, _ = grpo_loss(logps, None, logps.detach() - 0.1, torch.randn(B), mask, beta=0.1)
+        loss.backward()
+    steps_seen = [shape[-2] for shape in recorder.shapes if len(shape) >= 3]
+    assert steps_seen and max(steps_seen) <= chunk < T  # logits exist only in chunks of steps
+    config = tiny_config(eval_batch_size=4, max_completion_length=100)
+    rows = list(load_task(TASK, "test", 4, 0))
+    with LargestVocabTensor(V) as recorder:
+        evaluate_accuracy(model, tokenizer, rows, mixer, config)
+    assert recorder.shapes and all(len(s) == 2 or s[-2] == 1 for s in recorder.shapes)  # one step at a time
