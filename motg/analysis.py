@@ -286,8 +286,8 @@ def per_problem(problems, metric: str = "pass@1") -> pd.DataFrame:
     if not (isinstance(metric, str) and metric.startswith("pass@") and metric[5:].isdigit() and int(metric[5:]) >= 1):
         raise ValueError(f"metric: must be 'pass@k' with an integer k >= 1, got {metric!r}")
     k = int(metric[5:])
-    keys = [c for c in PROBLEM_COLUMNS if c not in ("sample", "correct")]
-    grouped = df.assign(correct=df["correct"].astype(bool).astype(int)).groupby(keys, sort=False)["correct"].agg(
+    keys = [c for c in df.columns if c not in ("sample", "correct")]  # extra columns (a run's tags) are kept for arms
+    grouped = df.assign(correct=df["correct"].astype(bool).astype(int)).groupby(keys, sort=False, dropna=False)["correct"].agg(
         n="count", c="sum").reset_index()
     if (grouped["n"] < k).any():
         raise ValueError(f"metric: {metric} needs >= {k} samples per problem; some have {grouped['n'].min()}")
