@@ -1,6 +1,6 @@
 """The README's main job: execute nbs/reproduce.ipynb for a profile with papermill.
 
-    python tools/reproduce.py --profile cpu [--jobs 2] [--threads 1]
+    python tools/reproduce.py --profile cpu [--jobs N] [--threads 1]
 
 Results land in results/<profile>/ (runs, tidy data, tables, figures, manifest.json); the executed notebook is
 written to results/<profile>/reproduce.ipynb (papermill never writes over its input). Completed runs are
@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="cpu", help="a profile in profiles/ (smoke, cpu, cpu-full, gpu, paper)")
-    parser.add_argument("--jobs", type=int, default=2, help="runs executed at the same time (default 2: two cores)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="runs executed at the same time (default: one per GPU on CUDA, else 2 for two cores)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,8 +28,11 @@ def main() -> int:
         spec = load_profile(args.profile)  # an unknown profile fails here, before any work
     except ValueError as error:
         sys.exit(f"--profile: {str(error).split(': ', 1)[-1]}")
-    if args.jobs < 1 or args.threads < 1:
+    if (args.jobs is not None and args.jobs < 1) or args.threads < 1:
         sys.exit("--jobs and --threads: must be integers >= 1")
+    if args.jobs is None:
+        import torch
+        args.jobs = torch.cuda.device_count() if torch.cuda.is_available() else 2  # one run per GPU
     import papermill as pm
     out = ROOT / "results" / spec.get("name", args.profile)
     out.mkdir(parents=True, exist_ok=True)
