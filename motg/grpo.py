@@ -225,7 +225,7 @@ class TrainConfig:
             raise ValueError(f"{unknown[0]}: not a field of TrainConfig; allowed: {[f.name for f in fields(cls)]}")
         return cls(**{**PRESETS[preset], **overrides})
 
-# %% ../nbs/05_grpo.ipynb #96eee53b
+# %% ../nbs/05_grpo.ipynb #e8ed322b
 def _check_int(name: str, value, low: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
@@ -282,7 +282,7 @@ def _check_rollout_and_loss(config: TrainConfig) -> None:
     _check_number("epsilon_high", config.epsilon_high, 0, optional=True)
     _check_int("num_iterations", config.num_iterations, 1)
 
-# %% ../nbs/05_grpo.ipynb #89ae5f48
+# %% ../nbs/05_grpo.ipynb #ed1908fa
 def _check_optimisation(config: TrainConfig) -> None:
     "Steps, optimizer, schedule, clipping and accumulation."
     _check_int("steps", config.steps, 1)
@@ -468,7 +468,7 @@ def model_prompt_style(model: str, prompt_style: str = "auto") -> str:
                          "none; use 'plain', or 'auto' to choose by the tokenizer")
     return resolve_prompt_style(prompt_style, tokenizer)
 
-# %% ../nbs/05_grpo.ipynb #187872dd
+# %% ../nbs/05_grpo.ipynb #e9f3901f
 def resolve_mixed_precision(setting: str, device: torch.device | str, launched: str = "no") -> str:
     "The compute precision of a run, 'bf16' or 'no', from `setting` (no | bf16 | auto), the device and `accelerate launch`'s."
     check_choice("mixed_precision", setting, MIXED_PRECISION)
@@ -505,7 +505,7 @@ def autocast_forward(model: nn.Module, precision: str) -> nn.Module:
     model.forward, head.forward = bf16_forward, full_precision_head
     return model
 
-# %% ../nbs/05_grpo.ipynb #712176f9
+# %% ../nbs/05_grpo.ipynb #aaa96eba
 def _dtype_option(load_model: Callable, torch_dtype: str) -> dict:
     "`load_model`'s dtype argument: `torch_dtype` where it has one, else `dtype` (None for 'auto': as saved)."
     import inspect
@@ -535,7 +535,7 @@ def load_policy(config: TrainConfig, device: torch.device | str, precision: str)
             parameter.data = parameter.data.float()
     return MixtureLM(autocast_forward(model, precision)), reference, tokenizer
 
-# %% ../nbs/05_grpo.ipynb #cff8a798
+# %% ../nbs/05_grpo.ipynb #657cd2d4
 def batch_shape(config: TrainConfig, num_processes: int) -> tuple[int, int, int]:
     "Sequences per process, per `generate` call and per backward micro-batch; a batch that does not split raises."
     total, accumulation = config.sequences_per_step, config.gradient_accumulation_steps
@@ -565,7 +565,7 @@ def split_rollout(rollout, size: int) -> list:
     return [replace(rollout, **{f.name: part(getattr(rollout, f.name), slice(start, start + size))
                                 for f in fields(rollout)}) for start in range(0, rows, size)]
 
-# %% ../nbs/05_grpo.ipynb #a6c72d39
+# %% ../nbs/05_grpo.ipynb #cb5f361c
 TIMING_METRICS = ("step_time", "tokens_per_s", "rollout_time", "update_time", "eval_time")
 
 
@@ -600,7 +600,7 @@ def build_optimizer(config: TrainConfig, model: nn.Module, updates: int):
     warmup = config.warmup_steps or int(math.ceil(config.warmup_ratio * updates))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.lr_scheduler_type, warmup, updates))
 
-# %% ../nbs/05_grpo.ipynb #966981ed
+# %% ../nbs/05_grpo.ipynb #f8210c00
 def setup_training(config: TrainConfig, out_dir: Path, resume: bool = False, overwrite: bool = False) -> TrainingSetup:
     "Check everything, make the run folder, load policy, data and optimizer, and pass them through `accelerator.prepare`."
     from accelerate import Accelerator
@@ -655,7 +655,7 @@ def _run_state(config: TrainConfig, out_dir: Path, resume: bool, overwrite: bool
             raise ValueError(f"resume: {out_dir} holds a run with a different config ({changed[0]}: "
                              f"{saved.get(changed[0])!r} there, {current[changed[0]]!r} now)")
 
-# %% ../nbs/05_grpo.ipynb #3417edee
+# %% ../nbs/05_grpo.ipynb #c00ffe83
 def _gather_cat(accelerator, x: Tensor) -> Tensor:
     return accelerator.gather(x.contiguous()) if accelerator.num_processes > 1 else x
 
@@ -707,7 +707,7 @@ def reference_logps(setup: TrainingSetup, micro_batches: list) -> list[Tensor | 
         with setup.policy.model.disable_adapter():
             return [sequence_logps(setup.policy, batch, setup.mixer) for batch in micro_batches]
 
-# %% ../nbs/05_grpo.ipynb #25e561f0
+# %% ../nbs/05_grpo.ipynb #38992f80
 def policy_update(setup: TrainingSetup, micro_batches: list, advantages: list[Tensor], ref_logps: list,
                   old_logps: list, num_items: Tensor, sums: dict, first: bool) -> tuple[Tensor, Tensor | None]:
     "Backward over every micro-batch (gradients synchronised on the last) and gradient clipping; returns (loss, grad norm)."
@@ -738,7 +738,7 @@ def policy_update(setup: TrainingSetup, micro_batches: list, advantages: list[Te
     grad_norm = accelerator.clip_grad_norm_(list(model.parameters()), config.max_grad_norm or float("inf"))
     return loss_value, grad_norm  # grad_norm is None under DeepSpeed, which clips internally
 
-# %% ../nbs/05_grpo.ipynb #d8ce128d
+# %% ../nbs/05_grpo.ipynb #1eb5fcb0
 def train_step(setup: TrainingSetup, step: int, out_dir: Path, reward_fn=None) -> dict:
     "One step: rollouts, rewards and advantages, reference log-probs, `num_iterations` updates; returns its metrics."
     config, accelerator = setup.config, setup.accelerator
@@ -775,7 +775,7 @@ def train_step(setup: TrainingSetup, step: int, out_dir: Path, reward_fn=None) -
     times = (t_start, t_rollout, time.perf_counter())
     return step_metrics(setup, step, rollouts, rewards, correct, sums, num_items, losses, grad_norms, lr, times)
 
-# %% ../nbs/05_grpo.ipynb #1030ae2e
+# %% ../nbs/05_grpo.ipynb #a47e8678
 def step_metrics(setup: TrainingSetup, step: int, rollouts: list, rewards: Tensor, correct: Tensor, sums: dict,
                  num_items: Tensor, losses: list, grad_norms: list, lr: float, times: tuple) -> dict:
     "The line of `metrics.jsonl` for one step, over all processes."
@@ -817,7 +817,7 @@ def evaluate_during_training(setup: TrainingSetup) -> dict:
     results = evaluate_accuracy(setup.policy, setup.tokenizer, setup.test_rows, setup.mixer, config, setup.accelerator)
     return {**results, "eval_time": time.perf_counter() - t0}
 
-# %% ../nbs/05_grpo.ipynb #3eeaf4ea
+# %% ../nbs/05_grpo.ipynb #e7b868a3
 def trainable_state(setup: TrainingSetup) -> dict[str, Tensor]:
     "The weights a checkpoint keeps: the whole model, or with LoRA only the adapters."
     state = setup.policy.model.state_dict(keep_vars=True)
@@ -872,7 +872,7 @@ def save_final_model(setup: TrainingSetup, out_dir: Path) -> None:
     model.save_pretrained(out_dir / "model")
     setup.tokenizer.save_pretrained(out_dir / "model")
 
-# %% ../nbs/05_grpo.ipynb #bd59a66c
+# %% ../nbs/05_grpo.ipynb #d56b3986
 def start_or_resume(setup: TrainingSetup, out_dir: Path, resume: bool) -> int:
     "The last completed step (0 for a new run): load the last checkpoint, or seed the global RNGs."
     start_step = 0
