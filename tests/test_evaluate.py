@@ -182,3 +182,62 @@ def test_ood_scores_score_the_answer_after_the_prompt_style_asked_for(tiny):
     assert nll(chat) != pytest.approx(nll(as_given))
     plain = ood_scores(model, tokenizer, {"chain_sum": rows}, prompt_style="auto", **common)  # no template: plain
     assert plain == ood_scores(model, tokenizer, {"chain_sum": rows}, **common)
+
+
+def test_answer_nll_in_chunks_equals_the_full_logits(tiny, rows):
+    """No [B, T, V] tensor: the answer positions' logits, `chunk` at a time, give the full-logits value."""
+    model, tokenizer = tiny
+    rows = list(rows)
+    full = []
+    for row in rows:  # by hand, from the full logits of one row at a time
+        context = tokenizer(answer_context(row), add_special_tokens=False)["input_ids"]
+        target = tokenizer(str(row["answer"]), add_special_tokens=False)["input_ids"]
+        logp = torch.log_softmax(model(torch.tensor([context + target])).logits[0].float(), -1)
+        full.append(-sum(logp[len(context) - 1 + i, t].item() for i, t in enumerate(target)) / len(target))
+    for chunk in (1, 3, 10**6):
+        chunked = answer_nll(model, tokenizer, rows, reduction="none", batch_size=3, chunk=chunk)
+        np.testing.assert_allclose(chunked, full, atol=1e-5)
+    with pytest.raises(ValueError, match="^chunk:"):
+        answer_nll(model, tokenizer, rows, chunk=0)
+
+
+def test_modes_follow_the_mixer_registry():
+    from motg.experiment import EVAL_MODES
+    from motg.mixture import MIXERS
+    assert MODES == tuple(MIXERS) == EVAL_MODES
+
+
+def test_problem_ids_are_stable_and_shared_across_prompt_styles(tiny, rows):
+    from motg.evaluate import problem_id
+    model, tokenizer = tiny
+    records = sample_records(model, tokenizer, rows, max_new_tokens=2)
+    assert [r["problem_id"] for r in records] == [problem_id(row) for row in rows]
+    assert len({r["problem_id"] for r in records}) == len(rows)
+    row = dict(list(rows)[0])
+    assert problem_id({**row, "prompt": "another style"}) == problem_id(row)
+    assert problem_id({**row, "question": row["question"] + " "}) != problem_id(row)
+
+
+def test_compare_arms_pairs_problems_and_seeds_per_task():
+    """Two tasks, two seeds, four problems: the difference per task, never pooled, with the design's CI."""
+    from motg.analysis import compare_arms, paired_ci
+    rng = np.random.default_rng(0)
+    rows = []
+    for task, gain in [("a", 0.5), ("b", 0.0)]:
+        for seed in (0, 1):
+            for problem in range(4):
+                before = int(rng.random() < 0.3)
+                after = int(rng.random() < 0.3 + gain)
+                for when, correct in [("before", before), ("after", after)]:
+                    rows.append({"run": f"{task}{seed}", "train_task": task, "train_mixer": "hard", "seed": seed,
+                                 "when": when, "inference": "hard", "decoding": "greedy", "problem": f"p{problem}",
+                                 "sample": 0, "correct": bool(correct)})
+    frame = pd.DataFrame(rows)
+    records = {r["train_task"]: r for r in compare_arms(frame, {"when": "after"}, {"when": "before"})}
+    for task in ("a", "b"):
+        part = frame[frame.train_task == task].pivot_table(index=["seed", "problem"], columns="when", values="correct")
+        d = (part["after"] - part["before"]).to_numpy().reshape(2, 4)
+        expected = paired_ci(d)
+        assert records[task]["estimate"] == pytest.approx(d.mean())
+        assert (records[task]["low"], records[task]["high"]) == pytest.approx((expected["low"], expected["high"]))
+        assert records[task]["n_seeds"] == 2 and records[task]["n_problems"] == 4

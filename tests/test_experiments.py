@@ -76,6 +76,16 @@ def test_reproduce_notebook_smoke_profile_builds_every_item_and_resumes(tmp_path
     for item in manifest["items"]:
         assert (ROOT / item["file"]).exists() or Path(item["file"]).exists(), item
         assert item["runs"] and item["mirrors"]
+    import pandas as pd
+    from motg.analysis import PROBLEM_COLUMNS
+    problems = pd.read_csv(tmp_path / "results" / "data" / "problems.csv")
+    assert list(problems.columns) == list(PROBLEM_COLUMNS) and set(problems["when"]) == {"before", "after"}
+    per_run = problems.groupby("run")["problem"].apply(frozenset)
+    assert per_run.nunique() == 1 and len(per_run.iloc[0]) == SMOKE["eval_size"]  # the same problems in every run
+    tables = {Path(item["file"]).name for item in manifest["items"] if item["kind"] == "table"}
+    assert "T1_cpu_chain_sum.md" in tables and "T2_grid_cpu_chain_sum.md" in tables  # one table per task
+    t1 = (tmp_path / "results" / "tables" / "T1_cpu_chain_sum.md").read_text()
+    assert "inconclusive" in t1 and "zero-var %" in t1 and "cpu/chain_sum" in t1.splitlines()[0]
     import csv
     reproduce()  # a second call runs nothing: every run is complete
     with open(tmp_path / "results" / "sweep_status.csv") as f:
@@ -94,7 +104,7 @@ def test_check_train_parameters_resolves_and_checks_the_prompt_style(tmp_path):
     for where in [{"prompt_style": "chat"}, {"train_overrides": {"prompt_style": "chat"}}]:
         with pytest.raises(ValueError, match=r"^prompt_style: 'chat' needs a model whose tokenizer has a chat"):
             check_train_parameters({**params, **where})
-    with pytest.raises(ValueError, match=r"^prompt_style: must be one of \['auto', 'plain', 'chat'\]"):
+    with pytest.raises(ValueError, match=r"^prompt_style: must be one of \['auto', 'plain', 'chat'"):
         check_train_parameters({**params, "prompt_style": "xml"})
     model, tokenizer = tiny_lm()
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -166,3 +176,69 @@ def test_current_base_model_names_the_warm_folder_without_building_it():
     name = current_base_model("tiny-1m-warm")
     assert name == warm_start("tiny-1m", **WARM_START_DEFAULTS, build=False).name and name.startswith("tiny-1m-")
     assert current_base_model("tiny-1m") is None and current_base_model("no such model") is None
+
+
+def test_evaluate_run_pairs_problems_and_fixes_sigma_from_the_base_model(tmp_path, monkeypatch):
+    """problems.csv: base and trained model on the same fixed problems; soft's σ from the base model's E."""
+    import shutil
+    import pandas as pd
+    import torch
+    import motg.rollout
+    from motg.experiment import check_train_parameters, evaluate_run
+    from motg.mixture import noise_scale
+    from motg.testing import tiny_lm
+    base, tokenizer = tiny_lm()
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    trained, _ = tiny_lm()
+    with torch.no_grad():
+        trained.get_input_embeddings().weight.mul_(3.0)  # training moved E: its own σ would be 3x the base's
+    sigmas = []
+    real = motg.rollout.generate
+
+    def generate(model, tokenizer, prompts, mixer, *args, **kwargs):
+        if mixer.name in ("soft", "fuzzy"):
+            sigmas.append(mixer.sigma)
+        return real(model, tokenizer, prompts, mixer, *args, **kwargs)
+
+    monkeypatch.setattr(motg.rollout, "generate", generate)
+    ids = {}
+    for seed in (0, 1):
+        params = {**SMOKE, "model": str(tmp_path / "base"), "mixer": "dirichlet", "seed": seed, "eval_modes": ["soft"],
+                  "eval_samples": 2, "eval_problems": 3, "max_completion_length": 4, "analysis_prompts": 1,
+                  "out_dir": str(tmp_path / f"run{seed}"), "overwrite": False, "resume": False}
+        config, run_dir = check_train_parameters(params)
+        trained.save_pretrained(run_dir / "model")
+        tokenizer.save_pretrained(run_dir / "model")
+        evaluate_run(config, run_dir, params)
+        problems = pd.read_csv(run_dir / "problems.csv")
+        assert set(problems["inference"]) == {"dirichlet", "hard", "soft"} and set(problems["when"]) == {"before", "after"}
+        assert problems.groupby(["when", "inference", "decoding"]).size().to_dict()[("after", "soft", "sample")] == 3 * 2
+        assert (problems["seed"] == seed).all() and (problems["run"] == run_dir.name).all()
+        ids[seed] = set(problems["problem"])
+    assert ids[0] == ids[1] and len(ids[0]) == 3  # the held-out problems do not depend on the training seed
+    expected = noise_scale(base.get_input_embeddings().weight)
+    assert sigmas and all(s == pytest.approx(expected) for s in sigmas)  # before and after: the base model's σ
+
+
+def test_run_train_notebook_resumes_a_failed_run_in_place(tmp_path):
+    """A failing run keeps its folder and error; the next attempt resumes it (resume=True), never starts over."""
+    import nbformat
+    from motg.experiment import RunFailed, run_train_notebook
+    notebook = tmp_path / "stand_in.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("out_dir = ''\nresume = False", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("import json, pathlib\nrun = pathlib.Path(out_dir)\n"
+                                  "(run / 'attempts').open('a').write(str(resume) + '\\n')\n"
+                                  "if not resume: raise RuntimeError('killed at the analysis')\n"
+                                  "(run / 'eval.json').write_text('{}')")],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}), notebook)
+    run = tmp_path / "runs" / "a"
+    with pytest.raises(RunFailed, match="killed at the analysis"):
+        run_train_notebook({}, run, notebook=notebook)
+    assert "killed at the analysis" in (run / "error.log").read_text() and (run / "failed.ipynb").exists()
+    run_train_notebook({}, run, notebook=notebook)
+    assert (run / "attempts").read_text().split() == ["False", "True"] and (run / "train.ipynb").exists()
+    assert sorted(p.name for p in run.parent.iterdir()) == ["a"]  # no .incomplete-* copy, nothing retrained
+    run_train_notebook({}, run, notebook=notebook)  # complete: skipped
+    assert (run / "attempts").read_text().split() == ["False", "True"]
