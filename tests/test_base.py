@@ -297,3 +297,33 @@ def test_the_announced_build_time_is_the_measured_one():
         pytest.skip(f"results/base describes {measured.get('spec')!r}, not the default {DEFAULT_MODEL!r}")
     assert abs(measured["warm_start_wall_time_s"] / 60 - base.WARM_START_MINUTES) <= 1, \
         "update motg.base.WARM_START_MINUTES to the measured build time"
+
+
+# --- random stand-ins of the papers' models, saved as local folders (motg.testing) ---
+
+@pytest.fixture(scope="module")
+def saved_stand_ins(tmp_path_factory):
+    from motg.testing import STAND_INS, save_stand_in
+    return {name: save_stand_in(tmp_path_factory.mktemp(name), name, layers=1, hidden=48) for name in STAND_INS}
+
+
+@pytest.mark.parametrize("name, vocab, tied", [("qwen2.5-1.5b", 151936, True), ("qwen2.5-3b", 151936, True),
+                                               ("llama-3.2-3b", 128256, True), ("llama-3.1-8b", 128256, False)])
+def test_a_saved_stand_in_loads_in_every_dtype_with_its_vocabulary_and_tying(saved_stand_ins, name, vocab, tied):
+    for torch_dtype, expected in [("auto", torch.bfloat16), ("float32", torch.float32), ("bfloat16", torch.bfloat16),
+                                  ("float16", torch.float16)]:  # saved in bfloat16, as the hub's checkpoints are
+        model, tokenizer = load_model(str(saved_stand_ins[name]), device="cpu", torch_dtype=torch_dtype)
+        assert model.dtype == expected and all(p.dtype == expected for p in model.parameters()), torch_dtype
+        assert model.config.vocab_size == vocab and model.get_output_embeddings().weight.shape[0] == vocab
+        assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+        assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
+    ids = tokenizer(["Let me think.</think>\n<answer>"], return_tensors="pt")
+    with torch.no_grad():
+        assert model(**ids).logits.shape == (1, ids["input_ids"].shape[1], vocab)
+
+
+def test_a_stand_in_folder_is_a_model_spec(saved_stand_ins):
+    assert check_model_spec(str(saved_stand_ins["llama-3.1-8b"])) == "folder"
+    tokenizer = load_model(str(saved_stand_ins["llama-3.1-8b"]), device="cpu")[1]
+    assert tokenizer("2+2")["input_ids"][0] == 128000  # Llama 3 adds <|begin_of_text|>, as the real one does
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|eot_id|>"  # no pad token: load_model pads with EOS
