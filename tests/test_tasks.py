@@ -248,7 +248,7 @@ def test_with_prompts_keeps_plain_prompts_byte_for_byte_and_builds_chat_ones(cpu
     assert resolve_prompt_style("auto", None) == "plain"
     with pytest.raises(ValueError, match=r"^prompt_style: 'chat' needs a tokenizer with a chat template"):
         with_prompts(cpu_test["chain_sum"], "chat", plain_tokenizer)
-    with pytest.raises(ValueError, match=r"^prompt_style: must be one of \['auto', 'plain', 'chat'\]"):
+    with pytest.raises(ValueError, match=r"^prompt_style: must be one of \['auto', 'plain', 'chat', 'soft_tokens'\]"):
         with_prompts(cpu_test["chain_sum"], "Chat", chat_tokenizer)
     with pytest.raises(ValueError, match="^rows"):
         with_prompts(["not a row"], "plain")
