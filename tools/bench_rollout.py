@@ -1,16 +1,21 @@
 """Benchmark the rollout loop: tokens/s of `motg.rollout.generate` with each mixer against `transformers`' own
-sampling `generate`, measured side by side in one process (interleaved repetitions, medians).
+sampling `generate`, measured side by side in one process (interleaved repetitions, order rotated, paired ratios).
 
-    .venv/bin/python tools/bench_rollout.py [--preset tiny-5m] [--batch 64] [--new-tokens 128] [--reps 7]
+    .venv/bin/python tools/bench_rollout.py --model tiny-1m [--batch 64] [--new-tokens 128] [--reps 5]
+    .venv/bin/python tools/bench_rollout.py --model smollm2-135m --batch 8 --new-tokens 32 --reps 3
+    add --compile to decode with generate(..., compile=True) (compiled during the warm-up, not timed)
 
-Writes results/bench/rollout.json and results/bench/rollout.md. The reference is
-`model.generate(do_sample=True, max_new_tokens=N)` at temperature 1 with no top-k/top-p filtering and EOS disabled,
-so it always runs N steps; `generate` runs N steps too unless every sequence has stopped at EOS (the steps it ran
-are recorded). Tokens/s counts batch × steps for both. The goal is every mixer at >= 0.95x the reference.
+Writes results/bench/rollout_<model>.json and rebuilds results/bench/rollout.md from every such file. Both sides
+sample at temperature 1 with no top-k/top-p and stop a row at EOS (`transformers` keeps computing finished rows
+until all have ended; `generate` drops them from its KV cache); tokens/s counts the tokens of each row up to and
+including its EOS (or all `--new-tokens`), so both are credited for the same kind of work. `generate` thinks in
+the mixer's mixture tokens until `</think>` (which the prompts leave open) and answers with ordinary tokens.
+The goal (issue 12) is every mixer at >= 1.5x the reference.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -26,10 +31,10 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from motg.base import build_model, build_tokenizer  # noqa: E402
+from motg.base import load_model  # noqa: E402
 from motg.experiment import provenance, write_json  # noqa: E402
 from motg.mixture import MIXERS, make_mixer  # noqa: E402
-from motg.rollout import generate, tokenize_prompts  # noqa: E402
+from motg.rollout import eos_token_ids, generate, tokenize_prompts  # noqa: E402
 
 
 def cpu_model() -> str:
@@ -42,22 +47,32 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def make_prompts(batch: int) -> list[str]:
+def make_prompts(batch: int, chat: bool) -> list[str]:
     "Prompts of different lengths (left padding matters), ending where the thinking starts."
-    return [f"Question {i}: what is {i} + {7 * i * i + 3}? Think first.<think>" for i in range(batch)]
+    questions = [f"Question {i}: what is {i} + {7 * i * i + 3}? Think first." for i in range(batch)]
+    if chat:  # SmolLM2-Instruct's ChatML turn, opened for the assistant, thinking
+        return [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n<think>" for q in questions]
+    return [f"{q}<think>" for q in questions]
+
+
+def tokens_until_eos(new_tokens: torch.Tensor, eos: list[int]) -> int:
+    "Tokens `[B, n]` each row wrote up to and including its first EOS (all n if none)."
+    hit = torch.isin(new_tokens, torch.tensor(eos))
+    first = torch.where(hit.any(1), hit.float().argmax(1) + 1, torch.full_like(hit[:, 0], new_tokens.shape[1],
+                                                                                 dtype=torch.long))
+    return int(first.sum())
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tiny-5m")
+    parser.add_argument("--model", "--preset", default="tiny-1m", help="a motg.base preset or smollm2-135m")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="generate(..., compile=True)")
     parser.add_argument("--mixers", default=",".join(MIXERS), help="comma-separated mixer names")
-    parser.add_argument("--out", default=str(ROOT / "results" / "bench" / "rollout"))
-    parser.add_argument("--max-load", type=float, default=None,
-                        help="before each repetition, wait (up to 10 min) until the 1-minute load average is below this")
+    parser.add_argument("--out-dir", default=str(ROOT / "results" / "bench"))
     args = parser.parse_args(argv)
     for name in ("batch", "new_tokens", "reps", "threads"):
         if getattr(args, name) < 1:
@@ -68,54 +83,50 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--mixers: unknown {unknown}; allowed: {sorted(MIXERS)}")
 
     torch.set_num_threads(args.threads)
-    tokenizer = build_tokenizer()
-    model = build_model(args.preset, tokenizer, seed=0)
-    prompts = make_prompts(args.batch)
+    model, tokenizer = load_model(args.model, device="cpu", dtype="float32")
+    prompts = make_prompts(args.batch, chat=args.model.startswith("smollm2"))
     ids, mask = tokenize_prompts(tokenizer, prompts)
     n = args.new_tokens
-    model.generation_config.eos_token_id = None  # the reference runs all n steps
-    eos_for_rollout = tokenizer.eos_token_id  # generate still stops at the tokenizer's EOS (if all stop)
+    eos = eos_token_ids(tokenizer, model)
 
     def run_hf(seed: int) -> int:
         torch.manual_seed(seed)
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=n, top_k=None,
-                             top_p=None, temperature=1.0)
-        return out.shape[1] - ids.shape[1]
+                             top_p=None, temperature=1.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+        return tokens_until_eos(out[:, ids.shape[1]:], eos)
 
     def run_mixer(name: str):
         def run(seed: int) -> int:
-            rollout = generate(model, tokenizer, prompts, make_mixer(name), n, torch.Generator().manual_seed(seed))
-            return rollout.mixtures.shape[1]
+            rollout = generate(model, tokenizer, prompts, make_mixer(name), n, torch.Generator().manual_seed(seed),
+                               compile=args.compile)
+            return int(rollout.sequence_mask.sum())
         return run
 
     methods = {"transformers": run_hf, **{name: run_mixer(name) for name in mixer_names}}
-    for run in methods.values():  # warm-up
+    warm = time.time()
+    for run in methods.values():  # warm-up (and compilation, with --compile)
         run(0)
+    warm_up_s = time.time() - warm
     times = {name: [] for name in methods}
-    steps = {name: [] for name in methods}
+    tokens = {name: [] for name in methods}
     load_before = os.getloadavg()
     started = time.time()
-    waited = 0.0
+    loads = []
     for rep in range(args.reps):
-        deadline = time.time() + 600
-        while args.max_load is not None and os.getloadavg()[0] > args.max_load and time.time() < deadline:
-            time.sleep(5)  # the machine is shared: other jobs' threads make every timing meaningless
-            waited += 5
         names = list(methods)
         names = names[rep % len(names):] + names[:rep % len(names)]  # rotate the order: no method always first
+        loads.append(os.getloadavg()[0])
         for name in names:
             t0 = time.perf_counter()
-            steps[name].append(methods[name](rep + 1))
+            tokens[name].append(methods[name](rep + 1))
             times[name].append(time.perf_counter() - t0)
     load_after = os.getloadavg()
 
     def summary(name: str) -> dict:
-        tokens = [args.batch * s for s in steps[name]]
-        rates = [t / s for t, s in zip(tokens, times[name])]
+        rates = [t / s for t, s in zip(tokens[name], times[name])]
         return {"median_s": statistics.median(times[name]), "min_s": min(times[name]),
                 "tokens_per_s": statistics.median(rates), "best_tokens_per_s": max(rates),
-                "ms_per_step": 1000 * statistics.median(s / st for s, st in zip(times[name], steps[name])),
-                "steps": steps[name], "times_s": times[name]}
+                "tokens": tokens[name], "times_s": times[name]}
 
     reference = summary("transformers")
     results = {"transformers": reference}
@@ -123,47 +134,66 @@ def main(argv: list[str] | None = None) -> dict:
         result = summary(name)
         result["ratio_vs_transformers"] = result["tokens_per_s"] / reference["tokens_per_s"]
         result["best_ratio_vs_transformers"] = result["best_tokens_per_s"] / reference["best_tokens_per_s"]
-        # paired: each repetition against the reference run next to it, robust to load that drifts
-        result["paired_ratio_median"] = statistics.median(
-            (args.batch * s / t) / (args.batch * rs / rt) for s, t, rs, rt in
-            zip(result["steps"], result["times_s"], reference["steps"], reference["times_s"]))
+        # paired: each repetition against the reference run beside it, robust to load that drifts
+        paired = [(t / s) / (rt / rs) for t, s, rt, rs in
+                  zip(result["tokens"], result["times_s"], reference["tokens"], reference["times_s"])]
+        result["paired_ratios"] = paired
+        result["paired_ratio_median"] = statistics.median(paired)
         results[name] = result
 
-    config = {"preset": args.preset, "batch": args.batch, "new_tokens": n, "reps": args.reps,
-              "threads": args.threads, "mixers": mixer_names, "prompts": "make_prompts(batch)",
-              "reference": "model.generate(do_sample=True, top_k=None, top_p=None, temperature=1.0), EOS disabled",
-              "eos_id_for_generate": eos_for_rollout}
+    config = {"model": args.model, "batch": args.batch, "new_tokens": n, "reps": args.reps,
+              "threads": args.threads, "compile": args.compile, "mixers": mixer_names,
+              "prompts": f"make_prompts(batch, chat={args.model.startswith('smollm2')})",
+              "reference": "model.generate(do_sample=True, top_k=None, top_p=None, temperature=1.0), stops at EOS"}
     record = {"results": results,
               "provenance": provenance(config=config, seeds={"model": 0, "reps": list(range(1, args.reps + 1))},
-                                       wall_time_s=time.time() - started, cpu_model=cpu_model(),
+                                       wall_time_s=time.time() - started, warm_up_s=warm_up_s, cpu_model=cpu_model(),
                                        load_average_before=load_before, load_average_after=load_after,
-                                       waited_for_quiet_s=waited,
-                                       torch_version=torch.__version__)}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out.with_suffix(".json"), record)
-
-    git = record["provenance"]["git"] or {}
-    lines = [f"# Rollout speed: `motg.rollout.generate` vs `transformers` `generate`", "",
-             f"{args.preset}, {args.batch} prompts × {n} new tokens, sampling, {args.threads} CPU threads, "
-             f"{args.reps} interleaved repetitions (order rotated). Goal: every mixer ≥ 0.95× the reference.", "",
-             "× transformers: ratio of median tokens/s; paired ×: median over repetitions of the ratio to the "
-             "reference run beside it; best ×: ratio of the best repetitions (least disturbed by other jobs).", "",
-             "| method | median s | best s | tokens/s (median) | ms/step | × transformers | paired × | best × |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|",
-             f"| transformers `generate` | {reference['median_s']:.3f} | {reference['min_s']:.3f} | "
-             f"{reference['tokens_per_s']:.0f} | {reference['ms_per_step']:.2f} | 1.00 | 1.00 | 1.00 |"]
-    for name in mixer_names:
-        r = results[name]
-        lines.append(f"| `{name}` | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['tokens_per_s']:.0f} | "
-                     f"{r['ms_per_step']:.2f} | {r['ratio_vs_transformers']:.2f} | {r['paired_ratio_median']:.2f} | "
-                     f"{r['best_ratio_vs_transformers']:.2f} |")
-    lines += ["", f"Provenance: git {git.get('commit', '?')}{' (dirty)' if git.get('dirty') else ''}, "
-              f"torch {torch.__version__}, {cpu_model()}, load average {load_before[0]:.2f} before / "
-              f"{load_after[0]:.2f} after (2 cores shared with other jobs), written {record['provenance']['written_at']}.", ""]
-    out.with_suffix(".md").write_text("\n".join(lines))
-    print("\n".join(lines))
+                                       load_average_per_rep=loads, torch_version=torch.__version__,
+                                       command="python tools/bench_rollout.py " + " ".join(argv or sys.argv[1:]))}
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    suffix = "_compiled" if args.compile else ""
+    write_json(out_dir / f"rollout_{args.model}{suffix}.json", record)
+    text = render(out_dir)
+    (out_dir / "rollout.md").write_text(text)
+    print(text)
     return record
+
+
+def render(out_dir: Path) -> str:
+    "rollout.md from every rollout_*.json in `out_dir`."
+    lines = ["# Rollout speed: `motg.rollout.generate` vs `transformers` `generate`", "",
+             "Made by `tools/bench_rollout.py` (its docstring says what is counted). Goal (issue 12): every mixer "
+             "≥ 1.5× the reference on CPU. × transformers: ratio of median tokens/s; paired ×: median over "
+             "repetitions of the ratio to the reference run beside it (the number to read on a loaded machine); "
+             "best ×: ratio of the best repetitions. Tokens: per repetition, summed over rows, up to and including "
+             "EOS.", ""]
+    for path in sorted(out_dir.glob("rollout_*.json")):
+        record = json.loads(path.read_text())
+        config, prov, results = record["provenance"]["config"], record["provenance"], record["results"]
+        ref = results["transformers"]
+        git = prov.get("git") or {}
+        lines += [f"## {config['model']}{' (compile=True)' if config.get('compile') else ''}: {config['batch']} prompts × "
+                  f"{config['new_tokens']} new tokens, {config['threads']} threads, {config['reps']} repetitions", "",
+                  f"Command: `{prov.get('command', '?')}`; git {git.get('commit', '?')}"
+                  f"{' (dirty)' if git.get('dirty') else ''}; torch {prov.get('torch_version')}; {prov.get('cpu_model')}; "
+                  f"load average {prov['load_average_before'][0]:.1f} before / {prov['load_average_after'][0]:.1f} "
+                  f"after, per repetition {', '.join(f'{x:.1f}' for x in prov.get('load_average_per_rep', []))} "
+                  f"(2 cores shared with other jobs); warm-up {prov.get('warm_up_s', 0):.0f} s; written "
+                  f"{prov['written_at']}.", "",
+                  "| method | median s | tokens (median) | tokens/s (median) | × transformers | paired × | best × |",
+                  "|---|---:|---:|---:|---:|---:|---:|",
+                  f"| transformers `generate` | {ref['median_s']:.2f} | {statistics.median(ref['tokens']):.0f} | "
+                  f"{ref['tokens_per_s']:.0f} | 1.00 | 1.00 | 1.00 |"]
+        for name, r in results.items():
+            if name == "transformers":
+                continue
+            lines.append(f"| `{name}` | {r['median_s']:.2f} | {statistics.median(r['tokens']):.0f} | "
+                         f"{r['tokens_per_s']:.0f} | {r['ratio_vs_transformers']:.2f} | "
+                         f"{r['paired_ratio_median']:.2f} | {r['best_ratio_vs_transformers']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
