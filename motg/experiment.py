@@ -28,8 +28,8 @@ __all__ = ['PACKAGES', 'EVAL_MODES', 'EVAL_SEED', 'project_root', 'relative_to_r
            'provenance', 'write_json', 'run_is_complete', 'prepare_run_dir', 'profile_path', 'load_profile',
            'config_hash', 'run_name', 'RunSpec', 'expand_sweep', 'RunFailed', 'run_train_notebook',
            'check_train_parameters', 'eval_seed', 'held_out_rows', 'evaluation_settings', 'decode_problems',
-           'analyse_rollouts', 'evaluate_run', 'finish_run', 'recorded_base_model', 'current_base_model', 'set_aside',
-           'default_jobs', 'run_sweep', 'collect_runs']
+           'analyse_rollouts', 'base_problems', 'evaluate_run', 'finish_run', 'recorded_base_model',
+           'current_base_model', 'set_aside', 'default_jobs', 'run_sweep', 'collect_runs']
 
 # %% ../nbs/08_experiment.ipynb #bc0a7a60
 def project_root(start: Path | str | None = None) -> Path:
@@ -384,10 +384,48 @@ def analyse_rollouts(model, tokenizer, rows: list[dict], config, mixer_params: d
     pd.concat(frames).to_csv(run_dir / "entropy.csv", index=False)
     pd.DataFrame(diversity).to_csv(run_dir / "diversity.csv", index=False)
 
+# %% ../nbs/08_experiment.ipynb #807ae0ea
+def _base_fingerprint(spec: str) -> str:
+    "What identifies a base model's weights: its spec and, for a local folder, the folder's name and newest file time."
+    from motg.base import model_source
+    try:
+        folder = model_source(spec)
+    except (ValueError, RuntimeError):
+        folder = None
+    if folder is None or not Path(folder).exists():
+        return spec  # a random-init preset is a function of its name; a hub id of its revision
+    newest = max((p.stat().st_mtime_ns for p in Path(folder).rglob("*") if p.is_file()), default=0)
+    return f"{spec}|{Path(folder).name}|{newest}"
+
+
+def base_problems(base_model, tokenizer, rows: list[dict], settings: dict[str, dict], config, params: dict,
+                  labels: dict, cache_dir: Path) -> list[dict]:
+    "`decode_problems` of the base model, per mode read from `cache_dir` when an earlier run stored the same one."
+    import pandas as pd
+    problems = []
+    for mode, mixer_params in settings.items():
+        key = config_hash({"base": _base_fingerprint(config.model), "prompts": [r["prompt"] for r in rows],
+                           "mode": mode, "mixer_params": mixer_params, "eval_samples": params["eval_samples"],
+                           "eval_seed": eval_seed(params), "max_new_tokens": config.max_completion_length,
+                           "max_think_tokens": config.max_think_tokens, "batch": config.eval_batch_size,
+                           "answer_temperature": config.answer_temperature}, length=16)
+        path = cache_dir / f"{key}.csv"
+        if path.exists():
+            problems += [{**labels, **row} for row in pd.read_csv(path, dtype={"problem": str}).to_dict("records")]
+            continue
+        rows_of_mode, _ = decode_problems(base_model, tokenizer, rows, {mode: mixer_params}, config, params, {})
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # parallel runs: the last rename wins, same data
+        pd.DataFrame(rows_of_mode).to_csv(tmp, index=False)
+        os.replace(tmp, path)
+        problems += [{**labels, **row} for row in rows_of_mode]
+    return problems
+
 # %% ../nbs/08_experiment.ipynb #5841d5d7
 def evaluate_run(config, run_dir: Path | str, params: dict) -> dict:
     "Evaluate a trained run folder: `problems.csv` (base and trained model), metric records, OOD scores, analyses."
     import pandas as pd
+    from motg.analysis import PROBLEM_COLUMNS
     from motg.base import load_model
     from motg.evaluate import ood_scores, setting_name, summarise_samples
     run_dir = Path(run_dir)
@@ -396,18 +434,17 @@ def evaluate_run(config, run_dir: Path | str, params: dict) -> dict:
     rows = held_out_rows(config, params, tokenizer)
     settings = evaluation_settings(config, params, base_model.get_input_embeddings().weight)
     labels = dict(train_task=config.task, train_mixer=config.mixer, seed=config.seed)
-    problems, records = [], []
-    for when, m in [("before", base_model), ("after", model)]:
-        rows_of_when, samples = decode_problems(m, tokenizer, rows, settings, config, params,
-                                                {"run": run_dir.name, **labels, "when": when})
-        problems += rows_of_when
-        if when == "after":  # the metric records of eval.json: the run's own mixer, then the grid
-            ks = params["eval_ks"] if params["eval_samples"] else (1,)
-            for mode, inference in [(config.mixer, "train")] + [(mode, "grid") for mode in params["eval_modes"]]:
-                for r in summarise_samples(samples[mode], ks=ks, **labels, inference=inference, mode=mode):
-                    setting = setting_name(mode, r["decoding"], r["k"]) if inference == "grid" and r["k"] else None
-                    records.append({**r, "setting": setting})
-    pd.DataFrame(problems).to_csv(run_dir / "problems.csv", index=False)
+    problems = base_problems(base_model, tokenizer, rows, settings, config, params,
+                             {"run": run_dir.name, **labels, "when": "before"}, run_dir.parent / "base-evaluations")
+    after, samples = decode_problems(model, tokenizer, rows, settings, config, params,
+                                     {"run": run_dir.name, **labels, "when": "after"})
+    problems += after
+    records, ks = [], params["eval_ks"] if params["eval_samples"] else (1,)
+    for mode, inference in [(config.mixer, "train")] + [(mode, "grid") for mode in params["eval_modes"]]:
+        for r in summarise_samples(samples[mode], ks=ks, **labels, inference=inference, mode=mode):  # eval.json
+            setting = setting_name(mode, r["decoding"], r["k"]) if inference == "grid" and r["k"] else None
+            records.append({**r, "setting": setting})
+    pd.DataFrame(problems)[list(PROBLEM_COLUMNS)].to_csv(run_dir / "problems.csv", index=False)
     ood = []
     for when, m in ([("before", base_model), ("after", model)] if params["ood_tasks"] else []):
         ood += ood_scores(m, tokenizer, params["ood_tasks"], size=params["ood_size"], seed=eval_seed(params),

@@ -196,14 +196,18 @@ def test_evaluate_run_pairs_problems_and_fixes_sigma_from_the_base_model(tmp_pat
     sigmas = []
     real = motg.rollout.generate
 
+    calls = []
+
     def generate(model, tokenizer, prompts, mixer, *args, **kwargs):
+        calls.append(mixer.name)
         if mixer.name in ("soft", "fuzzy"):
             sigmas.append(mixer.sigma)
         return real(model, tokenizer, prompts, mixer, *args, **kwargs)
 
     monkeypatch.setattr(motg.rollout, "generate", generate)
-    ids = {}
+    ids, calls_per_run, before = {}, [], {}
     for seed in (0, 1):
+        calls.clear()
         params = {**SMOKE, "model": str(tmp_path / "base"), "mixer": "dirichlet", "seed": seed, "eval_modes": ["soft"],
                   "eval_samples": 2, "eval_problems": 3, "max_completion_length": 4, "analysis_prompts": 1,
                   "out_dir": str(tmp_path / f"run{seed}"), "overwrite": False, "resume": False}
@@ -216,6 +220,10 @@ def test_evaluate_run_pairs_problems_and_fixes_sigma_from_the_base_model(tmp_pat
         assert problems.groupby(["when", "inference", "decoding"]).size().to_dict()[("after", "soft", "sample")] == 3 * 2
         assert (problems["seed"] == seed).all() and (problems["run"] == run_dir.name).all()
         ids[seed] = set(problems["problem"])
+        calls_per_run.append(len(calls))
+        before[seed] = problems[problems.when == "before"].drop(columns=["run", "seed"]).reset_index(drop=True)
+    assert calls_per_run[1] < calls_per_run[0]  # the second run read the base model's decodes from the cache
+    assert list((tmp_path / "base-evaluations").glob("*.csv")) and before[0].equals(before[1])
     assert ids[0] == ids[1] and len(ids[0]) == 3  # the held-out problems do not depend on the training seed
     expected = noise_scale(base.get_input_embeddings().weight)
     assert sigmas and all(s == pytest.approx(expected) for s in sigmas)  # before and after: the base model's σ
