@@ -49,7 +49,7 @@ test: $(INSTALLED)
 	$(PY) -m pytest tests -q -p no:cacheprovider --durations=5
 
 reproduce: $(INSTALLED)
-	$(PY) tools/reproduce.py --profile $${PROFILE:-cpu} --jobs $${JOBS:-2}
+	$(PY) tools/reproduce.py --profile $${PROFILE:-cpu} $${JOBS:+--jobs $$JOBS}  # JOBS unset: 2 on CPU, one per GPU
 
 # Documentation: the committed notebooks (with their outputs) as HTML pages with an index, in _docs/ (ignored).
 # nbdev_docs needs Quarto; this needs nothing beyond nbconvert.
