@@ -81,7 +81,7 @@ TEST_SHARE: float = 0.2  # share of the question-hash space that is test (the sp
 MAX_ANSWER_CHARS: int = 4096  # longer extracted answers score 0 without reaching a Reasoning-Gym scorer
 
 # %% ../nbs/00_tasks.ipynb #8d9536ef
-SYSTEM_PROMPT: str = (  # MoT-G's system prompt, paraphrased from papers/motg.md §3.3 (the exact string is in its main.py)
+SYSTEM_PROMPT: str = (  # MoT-G's, paraphrased from papers/motg.md §3.3 (the exact string is in its main.py)
     "You will be given a reasoning question. First think about different approaches to it, then reason through "
     "them step by step, and then give your answer. Think in roughly 200-400 words. Put your reasoning inside "
     "<think> </think> tags and your final answer inside <answer> </answer> tags. Write no text outside the tags, "
@@ -123,7 +123,8 @@ class AnswerFormat:
 
 ANSWER_FORMATS: dict[str, AnswerFormat] = {
     "motg": AnswerFormat("motg", "</think>", "", None, None),
-    "soft_tokens": AnswerFormat("soft_tokens", "The final answer is:", " \\boxed{", "The final answer is: \\boxed{", 32),
+    "soft_tokens": AnswerFormat("soft_tokens", think_end="The final answer is:", answer_prefill_early=" \\boxed{",
+                                answer_prefill_budget="The final answer is: \\boxed{", answer_tokens=32),
 }
 PROMPT_STYLE_FORMATS: dict[str, str] = {"plain": "motg", "chat": "motg", "soft_tokens": "soft_tokens"}
 
@@ -158,7 +159,7 @@ def last_boxed(text: str | None) -> str | None:
 
 
 def extract_answer(text: str | None) -> str | None:
-    "The answer in the last `<answer>` tag or `\\boxed{}` (whichever opens last), newlines removed, stripped; else None."
+    "The answer in the last `<answer>` tag or `\\boxed{}` (whichever opens last), without newlines, stripped; or None."
     if not isinstance(text, str):
         return None
     start, box = text.rfind("<answer>"), text.rfind("\\boxed{")
@@ -483,9 +484,10 @@ def _math_filter(name: str, difficulty: dict) -> Callable[[Mapping], bool]:
         if key not in allowed:
             raise ValueError(f"difficulty: {name} has no setting {key!r}; allowed: {list(allowed)}")
     levels, subjects = difficulty.get("levels"), difficulty.get("subjects")
-    if levels is not None and (isinstance(levels, (str, int)) or not all(l in range(1, 6) for l in levels)):
+    listed = lambda value: isinstance(value, (list, tuple, set))
+    if levels is not None and (not listed(levels) or not all(level in range(1, 6) for level in levels)):
         raise ValueError(f"difficulty: levels must be a list of MATH levels 1-5, got {levels!r}")
-    if subjects is not None and (isinstance(subjects, str) or not all(isinstance(s, str) for s in subjects)):
+    if subjects is not None and (not listed(subjects) or not all(isinstance(s, str) for s in subjects)):
         raise ValueError(f"difficulty: subjects must be a list of names such as ['Algebra'], got {subjects!r}")
 
     def keep(record: Mapping) -> bool:
@@ -497,7 +499,7 @@ def _math_filter(name: str, difficulty: dict) -> Callable[[Mapping], bool]:
 
 
 def _math_rows(name: str, split: str, size: int, seed: int, data_files, difficulty: dict) -> tuple[list, int]:
-    "`size` rows of a math data set's split in a seeded order, and how many records had no gold answer."
+    "`size` rows of a math data set's split in a seeded order, and how many of the records visited had no gold."
     keep = _math_filter(name, difficulty)
     records = _math_records(name, split, data_files)
     order = list(range(len(records)))
@@ -515,8 +517,8 @@ def _math_rows(name: str, split: str, size: int, seed: int, data_files, difficul
                          "entry": json.dumps(record, default=str), "config": config})
             if len(rows) == size:
                 return rows, dropped
-    raise ValueError(f"size: {name} {split} has {len(rows)} rows with a gold answer{' at ' + config if difficulty else ''}"
-                     f", fewer than {size}")
+    where = f" at {config}" if difficulty else ""
+    raise ValueError(f"size: {name} {split} has {len(rows)} rows with a gold answer{where}, fewer than {size}")
 
 # %% ../nbs/00_tasks.ipynb #da3f1f35
 def load_task(name: str | dict, split: str, size: int, seed: int, data_files=None, **difficulty) -> datasets.Dataset:
@@ -552,7 +554,7 @@ PROMPT_STYLE_SETTINGS = ("auto", "plain", "chat", "soft_tokens")  # what a run's
 
 
 def resolve_prompt_style(prompt_style: str, tokenizer=None) -> str:
-    "'plain', 'chat' or 'soft_tokens': `prompt_style` itself, or for 'auto' 'chat' when `tokenizer` has a chat template, else 'plain'."
+    "The style to use: `prompt_style` itself, or for 'auto' 'chat' when `tokenizer` has a chat template, else 'plain'."
     if prompt_style not in PROMPT_STYLE_SETTINGS:
         raise ValueError(f"prompt_style: must be one of {list(PROMPT_STYLE_SETTINGS)}, got {prompt_style!r}")
     has_template = bool(getattr(tokenizer, "chat_template", None))
@@ -585,10 +587,10 @@ def with_prompts(rows, prompt_style: str = "auto", tokenizer=None, system_prompt
     return out
 
 # %% ../nbs/00_tasks.ipynb #e6f1d1aa
-MAX_MATH_ANSWER_CHARS: int = 128  # a longer extracted answer is not parsed (MATH-500's answers are far shorter)
+MAX_MATH_ANSWER_CHARS: int = 128  # a longer extracted answer is not parsed: it scores 0
 MAX_MATH_NESTING: int = 5  # brackets of any kind, nested
 MAX_EXPONENT_PRODUCT: int = 1000  # 2^{999} is cheap; 2^{999}^{999}^{999} is 300 million digits
-MAX_SYMBOLIC_EXPONENT_SUM: int = 24  # (x+y+z+w)^{32} takes SymPy minutes to expand
+MAX_SYMBOLIC_EXPONENT_SUM: int = 24  # (x+y+z+w)^{32}: over 15 s of SymPy expansion (measured)
 _UNSAFE_COMMANDS = re.compile(r"\\(?:prod|sum|int|iint|iiint|oint|lim|det|binom|dbinom|tbinom|choose|Gamma|exp"
                               r"|operatorname)(?![a-zA-Z])")
 _SMALL_FACTORIAL = re.compile(r"(?<![\d.!})\]])\d{1,3}\s*!(?!!)")  # n! of a literal of at most 3 digits
@@ -679,7 +681,8 @@ def _math_verify():
 def _parsed_gold(gold: str) -> tuple:
     "The gold answer parsed by Math-Verify (empty if it does not parse), cached: a gold is scored many times."
     try:
-        return tuple(_within(5 * MATH_VERIFY_SECONDS, _math_verify().parse, "\\boxed{" + gold + "}", parsing_timeout=None))
+        parse = _math_verify().parse
+        return tuple(_within(5 * MATH_VERIFY_SECONDS, parse, "\\boxed{" + gold + "}", parsing_timeout=None))
     except (Exception, _MathVerifyTimeout):
         return ()
 
@@ -798,7 +801,7 @@ def default_reward(completion: str, row: dict, format_weight: float = 0.1) -> fl
 
 
 def soft_tokens_reward(completion: str, row: dict) -> float:
-    "Soft Tokens' 100 / 10 / 0 divided by 100: 1 if correct, 0.1 if a non-empty answer (boxed or tagged) was extracted, else 0."
+    "Soft Tokens' 100 / 10 / 0 ÷ 100: 1 if correct, 0.1 if a non-empty answer (boxed or tagged) was extracted, else 0."
     if score(completion, row) >= 1.0:
         return 1.0
     return 0.1 if extract_answer(completion) else 0.0
