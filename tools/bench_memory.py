@@ -159,7 +159,7 @@ def mib_per_token(name: str) -> float:
 
 
 def plan(name: str, recipe: str, sequences: int, completion: int, prompt: int, beta: float,
-         checkpointing_kept: float) -> list[dict]:
+         ratios: dict[str, float]) -> list[dict]:
     "Memory of each setting for one model and recipe, with the largest micro-batch (a divisor of the batch) that fits."
     m = PAPER_MODELS[name]
     P, L = m["params"], prompt + completion
@@ -168,8 +168,11 @@ def plan(name: str, recipe: str, sequences: int, completion: int, prompt: int, b
         for checkpointing in [False, True]:
             static = (2 * P + 16 * m["lora"]) if lora else 16 * P  # bf16 base + fp32 adapters/grads/AdamW, or all fp32
             reference = 2 * P if (beta > 0 and not lora) else 0  # a bf16 copy; LoRA disables its adapters instead
-            # checkpointing: what the checkpoints keep, plus one layer's activations while it is recomputed
-            factor = checkpointing_kept + 1 / m["layers"] if checkpointing else 1.0
+            # the stand-in's activations relative to plain; with checkpointing plus one layer's activations
+            # (1/L of the un-checkpointed setting's) while that layer is recomputed in backward
+            setting = ("lora" if lora else "") + (" + " if lora and checkpointing else "") + (
+                "checkpointing" if checkpointing else "") or "plain"
+            factor = ratios[setting] + (ratios["lora" if lora else "plain"] / m["layers"] if checkpointing else 0)
             per_token = mib_per_token(name) * MiB * factor
             logits = 3 * 64 * m["vocab"] * 4  # one 64-step chunk: fp32 logits, log-softmax and their gradient, per sequence
             kv = sequences * L * 2 * m["layers"] * m["kv_heads"] * 128 * 2  # the rollout's KV cache (bf16), all sequences
@@ -239,12 +242,13 @@ def main() -> None:
         measured = measure_all(args)
     by = {r["setting"]: r for r in measured}
 
-    kept = by["checkpointing"]["saved_for_backward_bytes"] / by["plain"]["saved_for_backward_bytes"]
-    plans = [plan(*recipe, checkpointing_kept=kept) for recipe in RECIPES]
+    ratios = {setting: by[setting]["saved_for_backward_bytes"] / by["plain"]["saved_for_backward_bytes"]
+              for setting in SETTINGS}
+    plans = [plan(*recipe, ratios=ratios) for recipe in RECIPES]
     chosen = [choose(rows) for rows in plans]
     record = {"stand_in": {"hidden": args.hidden, "layers": args.layers,
                            "sequences": args.sequences, "steps": args.steps}, "measured": measured,
-              "checkpointing_kept": kept, "plans": plans, "chosen": chosen,
+              "activation_ratios": ratios, "plans": plans, "chosen": chosen,
               "provenance": old["provenance"] if args.report_only else provenance(
                   {"args": vars(args)}, seeds={"seed": 0}, torch=torch.__version__,
                   transformers=transformers.__version__, python=platform.python_version())}
@@ -271,15 +275,22 @@ def report(record: dict, args) -> str:
         add(f"| {r['setting']} | {r['trainable_parameters']:,} of {r['parameters']:,} | {'yes' if r['reference_copy'] else 'no'} | "
             f"{r['update_peak_bytes'] / MiB:.0f} | {r['saved_for_backward_bytes'] / MiB:.0f} | "
             f"{r['saved_for_backward_bytes'] / r['tokens'] / 1024:.1f} | {r['seconds']:.1f} |")
-    add(f"\nCheckpointing keeps {record['checkpointing_kept']:.3f} of the plain activations; below, a model of L "
-        f"layers is taken to need {record['checkpointing_kept']:.3f} + 1/L of its plain activation memory (the "
-        f"layer being recomputed in backward holds its own activations meanwhile).\n")
+    r = record["activation_ratios"]
+    add(f"\nActivations kept until backward, relative to plain: checkpointing {r['checkpointing']:.3f}, LoRA "
+        f"{r['lora']:.3f} (every adapted linear layer also keeps its dropped-out, fp32 input: `lora_dropout` 0.05, "
+        f"TRL's default), LoRA + checkpointing {r['lora + checkpointing']:.3f}. With checkpointing the layer being "
+        f"recomputed in backward holds its own activations meanwhile, so below a model of L layers is taken to "
+        f"need the ratio + 1/L of the un-checkpointed setting's activations. The update peak on CPU also holds "
+        f"gradients and AdamW's moments (created at the first step; 12 B per trainable parameter) and transients; "
+        f"with a bf16 base (LoRA) CPU matmuls convert weights to fp32 on the fly (the 151,936 × {s['hidden']} head "
+        f"alone is {151936 * s['hidden'] * 4 / MiB:.0f} MiB per conversion), which a GPU does not, so for LoRA the "
+        f"saved-for-backward column is the one that carries over.\n")
     add("## The papers' models on one 80 GB GPU\n")
     add("Bytes: full fine-tuning keeps fp32 weights, gradients and AdamW's two moments (16 B/parameter) and, with "
         "β > 0, a bf16 reference copy (2 B/parameter); LoRA keeps the bf16 base (2 B/parameter) and 16 B per adapter "
         "parameter (all-linear, r = 16), and its reference is the base with adapters disabled. Activations: issue 12's "
         "measurement with the real architectures (2.9 MiB/token Qwen2.5-1.5B, 6.5 MiB/token Llama-3.1-8B; the 3B "
-        "models interpolated in layers × hidden), times the checkpointing factor above, plus one 64-step logits "
+        "models interpolated in layers × hidden), times the setting's ratio above, plus one 64-step logits "
         "chunk (fp32 logits, log-softmax, gradient) per sequence; 2 GB for the CUDA context. The micro-batch is the "
         "largest divisor of the step's sequences that fits in 90% of 80 GB (headroom for fragmentation and for the "
         "estimates' error). Prompts are taken as 256 tokens. The rollout's KV cache "
