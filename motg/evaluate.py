@@ -174,7 +174,8 @@ def evaluate(model, tokenizer, rows, mode: str = "hard", *, n_samples: int = 32,
 
 # %% ../nbs/06_evaluate.ipynb #b012f314
 MODE_LETTERS = {"hard": "H", "fuzzy": "F", "soft": "S", "dirichlet": "D", "different_tokens": "DT",
-                "soft_thinking": "ST", "mixture_of_inputs": "MI"}
+                "soft_thinking": "ST", "mixture_of_inputs": "MI", "multiplex": "MX",
+                "gumbel_soft": "GS"}
 GRID_COLUMNS = ["HG", "HS", "HS32", "FG", "FS", "FS32", "SG", "SS", "SS32"]  # Soft Tokens Tables 3–8, in order
 
 
