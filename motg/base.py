@@ -650,7 +650,7 @@ _M = MIXED_START_DEFAULTS
 def mixed_start(base: str = DEFAULT_PRESET + "-warm", tasks: str | list[str] = _M["tasks"],
                 n_train: int = _M["n_train"], direct_fraction: float = _M["direct_fraction"],
                 copies: int = _M["copies"], steps: int = _M["steps"], learning_rate: float = _M["learning_rate"],
-                batch_size: int = _M["batch_size"], seed: int = _M["seed"], num_threads: int | None = 2,
+                batch_size: int = _M["batch_size"], seed: int = _M["seed"], num_threads: int | None = 1,
                 device: str = "cpu", cache_dir: Path | str | None = None, force: bool = False, progress: bool = True,
                 build: bool = True) -> Path:
     "The folder of `base` fine-tuned further on `mixed_data`: trained and cached on first use, read from cache after."

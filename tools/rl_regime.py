@@ -119,7 +119,7 @@ def write_problems(path: Path, records: list[dict], **labels) -> None:
 def base_settings(args) -> dict:
     return dict(base=args.base, tasks=args.tasks, n_train=args.n_train,
                 direct_fraction=0.0 if args.trace_only else args.direct_fraction, copies=args.copies,
-                steps=args.sft_steps, learning_rate=args.sft_lr, batch_size=32, seed=0, num_threads=args.threads)
+                steps=args.sft_steps, learning_rate=args.sft_lr, batch_size=32, seed=0, num_threads=args.sft_threads)
 
 
 def cmd_build(args) -> Path:
@@ -236,6 +236,32 @@ def cmd_report(args) -> None:
     write_json(out / "paired_gain.json", rows)
     for r in rows:
         print(json.dumps(r, default=str))
+    (out / "paired_gain.md").write_text(markdown(out, rows))
+
+
+def markdown(out: Path, rows: list[dict]) -> str:
+    "The tables of the README: the bases before RL, and the paired gains of GRPO."
+    bases = {p.parent.name: json.loads(p.read_text()) for p in sorted((out / "bases").glob("*/summary.json"))}
+    f = lambda x: "–" if x is None else f"{x:.3f}"
+    lines = ["| base model | task | greedy | forced-trace greedy | forced − greedy | greedy traces | sampled | samples trace |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, base in bases.items():
+        for task, s in base["summary"].items():
+            lines.append(f"| {name} | {task} | {f(s['greedy'])} | {f(s['forced_trace_greedy'])} | "
+                         f"{f(s['forced_trace_greedy'] - s['greedy'])} | {f(s['greedy_traces'])} | {f(s['sampled'])} | "
+                         f"{f(s['samples_trace'])} |")
+    lines += ["", "| task | problems | seeds | greedy before | greedy after (per seed) | paired difference | 95% CI | "
+              "per-seed 95% CIs | forced-trace greedy after | greedy traces after | minutes per run (wall / CPU) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        per_seed = ", ".join(f"{v:.3f}" for v in r["after_per_seed"].values())
+        cis = "; ".join(f"seed {s}: [{c[1]:+.3f}, {c[2]:+.3f}]" for s, c in r["per_seed_ci95"].items())
+        minutes = ", ".join(f"{w:.1f} / {c:.1f}" for w, c in zip(r["train_minutes"], r["train_cpu_minutes"]))
+        lines.append(f"| {r['task']} | {r['problems']} | {r['seeds']} | {r['before']:.3f} | {r['after']:.3f} ({per_seed}) | "
+                     f"**{r['difference']:+.3f}** | [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | {cis} | "
+                     f"{', '.join(f(x) for x in r['forced_trace_after'])} | "
+                     f"{', '.join(f(x) for x in r['greedy_traces_after'])} | {minutes} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
@@ -262,7 +288,8 @@ def main(argv=None):
     parser.add_argument("--n-eval", type=int, default=200)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of GRPO and evaluation")
+    parser.add_argument("--sft-threads", type=int, default=2, help="threads of the SFT stage (in the model's cache key)")
     parser.add_argument("--runs", default=str(ROOT / "data" / "rl_regime_runs"), help="GRPO run folders (weights)")
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
