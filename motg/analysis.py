@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .mixture import check_choice
+from .runs import check_choice, check_int
 
 # %% auto #0
 __all__ = ['MIXER_COLORS', 'MIXER_ORDER', 'PROBLEM_COLUMNS', 'shannon_entropy', 'next_token_entropy', 'hidden_softmax_entropy',
@@ -63,8 +63,7 @@ def ngrams(sequence: Sequence, n: int) -> list[tuple]:
 
 def distinct_n(sequences: Iterable[Sequence], n: int) -> float:
     "Distinct n-grams / total n-grams, pooled over `sequences` (NaN when there is no n-gram)."
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"n: must be an integer >= 1, got {n!r}")
+    check_int("n", n, 1)
     grams = [g for seq in sequences for g in ngrams(list(seq), n)]
     return len(set(grams)) / len(grams) if grams else float("nan")
 
@@ -372,8 +371,7 @@ def profile(source, value: str = "entropy", by: Sequence[str] = ("mixer",), posi
     df = read_tidy(source)
     by = list(by)
     check_columns(df, [*by, position, value])
-    if not isinstance(min_count, int) or min_count < 1:
-        raise ValueError(f"min_count: must be an integer >= 1, got {min_count!r}")
+    check_int("min_count", min_count, 1)
     out = df.groupby([*by, position])[value].agg(mean="mean", std="std", n="count").reset_index()
     out["sem"] = out["std"] / np.sqrt(out["n"])
     return out.loc[out["n"] >= min_count, [*by, position, "mean", "sem", "n"]].reset_index(drop=True)
