@@ -44,7 +44,9 @@ def test_train_notebook_rejects_a_bad_parameter_before_any_work(tmp_path):
                                        ({"eval_ks": [1, 64]}, "eval_ks"), ({"mixer": "soft_thinking"}, "mixer"),
                                        ({"eval_modes": ["greedy"]}, "eval_modes"), ({"model": "gpt-9"}, "model"),
                                        ({"preset": "nope"}, "preset"), ({"num_generations": 1}, "num_generations"),
-                                       ({"beta": -1.0}, "beta"), ({"learning_rate": 0.0}, "learning_rate")])
+                                       ({"beta": -1.0}, "beta"), ({"learning_rate": 0.0}, "learning_rate"),
+                                       ({"eval_samples": -1}, "eval_samples"), ({"ood_tasks": "gcd"}, "ood_tasks"),
+                                       ({"ood_size": True}, "ood_size")])
 def test_check_train_parameters_names_the_bad_one(tmp_path, bad, word):
     """The notebook's first cell (motg.experiment.check_train_parameters), called directly: same check, no kernel."""
     from motg.experiment import check_train_parameters
@@ -150,10 +152,11 @@ def test_evaluate_run_prompts_a_chat_model_as_training_did(tmp_path, monkeypatch
 def test_sweep_reruns_a_run_whose_base_model_changed_and_keeps_the_old_one(tmp_path, monkeypatch):
     """A warm-started spec names a recipe: when the folder it resolves to changes, completed runs are redone."""
     import motg.experiment as ex
+    from motg.runs import write_json
 
     def fake_run(params, folder):  # stands in for papermill: a complete run that started from today's base model
         folder.mkdir(parents=True)
-        ex.write_json(folder / "eval.json", {"records": [], "provenance": {"base_model_folder": f"data/{today[0]}"}})
+        write_json(folder / "eval.json", {"records": [], "provenance": {"base_model_folder": f"data/{today[0]}"}})
     today = ["tiny-1m-new"]
     monkeypatch.setattr(ex, "run_train_notebook", fake_run)
     monkeypatch.setattr(ex, "current_base_model", lambda spec: today[0] if spec == "tiny-1m-warm" else None)
