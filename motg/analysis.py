@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .runs import check_choice, check_int
+from .runs import check_choice, check_int, check_positive
 
 # %% auto #0
 __all__ = ['MIXER_COLORS', 'MIXER_ORDER', 'PROBLEM_COLUMNS', 'shannon_entropy', 'next_token_entropy', 'hidden_softmax_entropy',
@@ -34,8 +34,7 @@ def shannon_entropy(probs: Tensor, dim: int = -1) -> Tensor:
 
 def next_token_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     "Entropy in nats of `softmax(logits / temperature)` over the last dim (the model's next-token distribution)."
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature: must be a number > 0, got {temperature!r}")
+    check_positive("temperature", temperature)
     z = logits.float() / temperature
     probs = torch.softmax(z, -1)
     # where p = 0 (a logit of -inf, e.g. a masked token) p·z is 0·(-inf): count it as 0, as 0 log 0 = 0

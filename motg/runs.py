@@ -18,9 +18,9 @@ from importlib import metadata
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['PACKAGES', 'check_int', 'check_number', 'check_bool', 'check_choice', 'check_text', 'check_str_list', 'project_root',
-           'relative_to_root', 'git_state', 'hardware', 'package_versions', 'provenance', 'write_json',
-           'run_is_complete', 'prepare_run_dir']
+__all__ = ['PACKAGES', 'check_int', 'check_number', 'check_positive', 'check_in_range', 'check_bool', 'check_choice',
+           'check_text', 'check_str_list', 'project_root', 'relative_to_root', 'git_state', 'hardware',
+           'package_versions', 'provenance', 'write_json', 'run_is_complete', 'prepare_run_dir']
 
 # %% ../nbs/09_runs.ipynb #c7bc1c27
 def check_int(name: str, value, low: int = 0) -> int:
@@ -40,6 +40,24 @@ def check_number(name: str, value, low: float, strict: bool = False, optional: b
         raise ValueError(f"{name}: must be a finite number {'>' if strict else '>='} {low}"
                          f"{' or None' if optional else ''}, got {value!r}")
     return value
+
+# %% ../nbs/09_runs.ipynb #1d30dc9d
+def check_positive(name: str, value: float) -> float:
+    "Raise a `ValueError` naming `name` unless `value > 0`."
+    if not (isinstance(value, (int, float)) and value > 0):
+        raise ValueError(f"{name}: must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def check_in_range(name: str, value: float, low: float, high: float, low_open: bool = False,
+                   high_open: bool = False) -> float:
+    "Raise a `ValueError` naming `name` unless `value` lies in the interval from `low` to `high` (open ends as given)."
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+          and (value > low if low_open else value >= low) and (value < high if high_open else value <= high))
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name}: must be a number in {interval}, got {value!r}")
+    return float(value)
 
 # %% ../nbs/09_runs.ipynb #e1aa8f1c
 def check_bool(name: str, value) -> bool:
