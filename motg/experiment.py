@@ -5,7 +5,6 @@
 # %% ../nbs/08_experiment.ipynb #ab719a2c
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,14 +20,14 @@ import yaml
 
 from .mixture import MIXERS
 # run folders, provenance and JSON: used here, and still importable from motg.experiment for tools/ and train.ipynb
-from .runs import (PACKAGES, check_int, check_str_list, git_state, hardware, package_versions,
+from .runs import (PACKAGES, check_int, check_str_list, config_hash, git_state, hardware, package_versions,
     prepare_run_dir, project_root, provenance, relative_to_root, run_is_complete, write_json)
 
 # %% auto #0
-__all__ = ['EVAL_MODES', 'EVAL_SEED', 'profile_path', 'load_profile', 'config_hash', 'run_name', 'RunSpec', 'expand_sweep',
-           'RunFailed', 'run_train_notebook', 'check_train_parameters', 'eval_seed', 'held_out_rows',
-           'evaluation_settings', 'decode_problems', 'analyse_rollouts', 'base_problems', 'evaluate_run', 'finish_run',
-           'recorded_base_model', 'current_base_model', 'set_aside', 'default_jobs', 'run_sweep', 'collect_runs']
+__all__ = ['EVAL_MODES', 'EVAL_SEED', 'profile_path', 'load_profile', 'run_name', 'RunSpec', 'expand_sweep', 'RunFailed',
+           'run_train_notebook', 'check_train_parameters', 'eval_seed', 'held_out_rows', 'evaluation_settings',
+           'decode_problems', 'analyse_rollouts', 'base_problems', 'evaluate_run', 'finish_run', 'recorded_base_model',
+           'current_base_model', 'set_aside', 'default_jobs', 'run_sweep', 'collect_runs']
 
 # %% ../nbs/08_experiment.ipynb #4cb533ff
 def profile_path(name: str) -> Path:
@@ -48,11 +47,6 @@ def load_profile(name: str) -> dict:
     return yaml.safe_load(profile_path(name).read_text())
 
 # %% ../nbs/08_experiment.ipynb #6684e665
-def config_hash(params: dict, length: int = 8) -> str:
-    "A short stable hash of a parameter dict (key order does not matter)."
-    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:length]
-
-
 def run_name(params: dict, keys: list[str]) -> str:
     "A readable folder name from `keys` of `params`, plus the hash of all of `params`."
     def show(key, value):

@@ -5,6 +5,7 @@
 # %% ../nbs/09_runs.ipynb #3453500a
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import numbers
@@ -20,7 +21,7 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['PACKAGES', 'check_int', 'check_number', 'check_positive', 'check_in_range', 'check_bool', 'check_choice',
            'check_text', 'check_str_list', 'project_root', 'relative_to_root', 'git_state', 'hardware',
-           'package_versions', 'provenance', 'write_json', 'run_is_complete', 'prepare_run_dir']
+           'package_versions', 'provenance', 'write_json', 'config_hash', 'run_is_complete', 'prepare_run_dir']
 
 # %% ../nbs/09_runs.ipynb #c7bc1c27
 def check_int(name: str, value, low: int = 0) -> int:
@@ -159,6 +160,11 @@ def write_json(path: Path | str, obj, indent: int = 2) -> Path:
     tmp.write_text(json.dumps(obj, indent=indent, sort_keys=False, default=str) + "\n")
     os.replace(tmp, path)
     return path
+
+# %% ../nbs/09_runs.ipynb #2571dcaa
+def config_hash(params: dict, length: int = 8) -> str:
+    "A short stable hash of a parameter dict (key order does not matter)."
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 # %% ../nbs/09_runs.ipynb #f628e46f
 def run_is_complete(run_dir: Path | str) -> bool:
