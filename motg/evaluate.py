@@ -12,12 +12,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .mixture import MIXERS, check_choice
+from .grpo import generation_options
+from .mixture import MIXERS
+from .runs import check_choice, check_int  # the argument checks' one home
 
 # %% auto #0
 __all__ = ['MODES', 'FULL_CREDIT', 'MODE_LETTERS', 'GRID_COLUMNS', 'THINK_END', 'ANSWER_OPEN', 'pass_at_k', 'problem_id',
-           'sample_records', 'summarise_samples', 'evaluate', 'setting_name', 'inference_grid', 'grid_columns',
-           'answer_context', 'answer_nll', 'ood_scores']
+           'resolve_answer_format', 'sample_records', 'summarise_samples', 'evaluate', 'setting_name', 'inference_grid',
+           'grid_columns', 'answer_context', 'answer_nll', 'ood_scores']
 
 # %% ../nbs/06_evaluate.ipynb #a4988b5a
 def pass_at_k(n, c, k: int):
@@ -41,12 +43,6 @@ def pass_at_k(n, c, k: int):
 # %% ../nbs/06_evaluate.ipynb #74799beb
 MODES = tuple(MIXERS)  # every registered mixer is an inference mode (motg.mixture.MIXERS)
 FULL_CREDIT = 1.0 - 1e-6  # a sample is correct when its score reaches 1 (up to float rounding)
-
-
-def _check_int(name: str, value, low: int) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
-    return int(value)
 
 
 def problem_id(row: dict) -> str:
@@ -75,6 +71,23 @@ def _with_prompts(rows: list[dict], prompt_style: str | None, tokenizer) -> list
     return with_prompts(rows, prompt_style, tokenizer)
 
 
+def resolve_answer_format(rows: list[dict], prompt_style: str | None = None, tokenizer=None,
+                          answer_format: str | None = None) -> str:
+    "The answer format to decode `rows` in: `answer_format`, else that of `prompt_style`, else that of the rows' prompts."
+    from motg.tasks import ANSWER_FORMATS, SOFT_TOKENS_PROMPT, resolve_prompt_style
+    from motg.tasks import answer_format as format_of_style
+    if answer_format is not None:
+        return check_choice("answer_format", answer_format, tuple(ANSWER_FORMATS))
+    if prompt_style is not None:
+        return format_of_style(resolve_prompt_style(prompt_style, tokenizer)).name
+    opening = SOFT_TOKENS_PROMPT.split("QUESTION")[0]  # rows prompted in Soft Tokens' template, by load_task or a run
+    soft = [str(row["prompt"]).startswith(opening) for row in rows]
+    if any(soft) and not all(soft):
+        raise ValueError("rows: some prompts follow Soft Tokens' template and some do not; evaluate them apart, or "
+                         "pass answer_format=")
+    return "soft_tokens" if soft and all(soft) else "motg"
+
+
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -83,7 +96,7 @@ def sample_records(model, tokenizer, rows, mode: str = "hard", *, n_samples: int
                    answer: str = "greedy", answer_temperature: float = 1.0, max_new_tokens: int = 256, max_think_tokens: int | None = None,
                    think_end: str = "token", seed: int = 0, batch_size: int = 64,
                    scorer: Callable[[str, dict], float] | None = None, prompt_style: str | None = None,
-                   **mixer_params) -> list[dict]:
+                   answer_format: str | None = None, **mixer_params) -> list[dict]:
     "Generate `n_samples` completions per row in inference `mode` (greedy or sampled); one record per sample."
     from motg.mixture import make_mixer
     from motg.rollout import generate
@@ -92,21 +105,22 @@ def sample_records(model, tokenizer, rows, mode: str = "hard", *, n_samples: int
 
     check_choice("mode", mode, MODES)
     check_choice("answer", answer, ("greedy", "sample"))
-    n_samples = _check_int("n_samples", n_samples, 1)
-    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    seed = _check_int("seed", seed, 0)
+    n_samples = check_int("n_samples", n_samples, 1)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
+    seed = check_int("seed", seed, 0)
     rows = _with_prompts(_as_rows(rows), prompt_style, tokenizer)
+    answer_format = resolve_answer_format(rows, prompt_style, tokenizer, answer_format)
+    options = generation_options(answer_format, tokenizer, max_new_tokens, max_think_tokens)  # tags, prefills, limits
     mixer = make_mixer(mode, **mixer_params)
     generator = torch.Generator(device=_device(model)).manual_seed(seed)
     jobs = [(problem, sample) for problem in range(len(rows)) for sample in range(n_samples)]
     records = []
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start:start + batch_size]
-        rollout = generate(model, tokenizer, [rows[p]["prompt"] for p, _ in batch], mixer, max_new_tokens,
-                           generator=generator, greedy=greedy, answer="greedy" if greedy else answer,
-                           answer_temperature=answer_temperature,
-                           think_end=think_end, max_think_tokens=max_think_tokens)
+        rollout = generate(model, tokenizer, [rows[p]["prompt"] for p, _ in batch], mixer, generator=generator,
+                           greedy=greedy, answer="greedy" if greedy else answer,
+                           answer_temperature=answer_temperature, think_end=think_end, **options)
         completion_tokens = rollout.completion_mask.sum(-1).tolist()
         think_tokens = rollout.think_mask.sum(-1).tolist()
         for i, (problem, sample) in enumerate(batch):
@@ -122,7 +136,7 @@ def sample_records(model, tokenizer, rows, mode: str = "hard", *, n_samples: int
 # %% ../nbs/06_evaluate.ipynb #d55b4862
 def summarise_samples(samples: list[dict], ks: Sequence[int] = (1,), **labels) -> list[dict]:
     "Tidy metric records (pass@k, score, lengths) per decoding and task from `sample_records` output."
-    ks = sorted({_check_int("ks", k, 1) for k in ks})
+    ks = sorted({check_int("ks", k, 1) for k in ks})
     if not samples:
         raise ValueError("samples: no samples to summarise")
     groups: dict[tuple, dict[int, list[dict]]] = {}
@@ -150,11 +164,11 @@ def evaluate(model, tokenizer, rows, mode: str = "hard", *, n_samples: int = 32,
              ks: Sequence[int] = (1, 32), max_new_tokens: int = 256, max_think_tokens: int | None = None,
              answer: str = "greedy", answer_temperature: float = 1.0, think_end: str = "token", seed: int = 0, batch_size: int = 64,
              scorer: Callable[[str, dict], float] | None = None, labels: dict | None = None,
-             prompt_style: str | None = None, **mixer_params) -> list[dict]:
+             prompt_style: str | None = None, answer_format: str | None = None, **mixer_params) -> list[dict]:
     "Greedy accuracy and sampled pass@k (per task and overall) of `model` in inference `mode`: tidy records."
     check_choice("mode", mode, MODES)
-    n_samples = _check_int("n_samples", n_samples, 0)
-    ks = [_check_int("ks", k, 1) for k in (ks or ())]
+    n_samples = check_int("n_samples", n_samples, 0)
+    ks = [check_int("ks", k, 1) for k in (ks or ())]
     if n_samples and not ks:
         raise ValueError("ks: give at least one k for the sampled pass@k (e.g. ks=(1, 32))")
     if n_samples and n_samples < max(ks):
@@ -162,7 +176,8 @@ def evaluate(model, tokenizer, rows, mode: str = "hard", *, n_samples: int = 32,
     if not greedy and not n_samples:
         raise ValueError("n_samples: is 0 and greedy is False, so there is nothing to evaluate")
     rows = _with_prompts(_as_rows(rows), prompt_style, tokenizer)  # once, for the greedy and the sampled decodes
-    common = dict(answer=answer, answer_temperature=answer_temperature, max_new_tokens=max_new_tokens, max_think_tokens=max_think_tokens,
+    answer_format = resolve_answer_format(rows, prompt_style, tokenizer, answer_format)
+    common = dict(answer_format=answer_format, answer=answer, answer_temperature=answer_temperature, max_new_tokens=max_new_tokens, max_think_tokens=max_think_tokens,
                   think_end=think_end, seed=seed, batch_size=batch_size, scorer=scorer, **mixer_params)
     samples = []
     if greedy:
@@ -246,8 +261,8 @@ def answer_nll(model, tokenizer, rows, *, context: str = "prompt", batch_size: i
     from motg.rollout import resolve_model
     check_choice("context", context, ("prompt", "trace"))
     check_choice("reduction", reduction, ("mean", "none"))
-    batch_size = _check_int("batch_size", batch_size, 1)
-    chunk = _check_int("chunk", chunk, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
+    chunk = check_int("chunk", chunk, 1)
     rows = _as_rows(rows)
     lm = resolve_model(model)[1].model  # the plain causal LM: answers are ordinary tokens
     device = _device(lm)
@@ -285,7 +300,7 @@ def ood_scores(model, tokenizer, tasks: Sequence[str] | dict[str, Any], *, split
     check_choice("context", context, ("prompt", "trace"))
     if not isinstance(tasks, dict):
         from motg.tasks import load_task
-        size = _check_int("size", size, 1)
+        size = check_int("size", size, 1)
         tasks = {name: load_task(name, split, size, seed) for name in tasks}
     records = []
     for name, rows in tasks.items():

@@ -23,26 +23,22 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .runs import check_bool, check_choice, check_int, check_number  # the argument checks' one home
+
 # %% auto #0
 __all__ = ['ADVANTAGE_KINDS', 'SCALE_REWARDS', 'LOSS_TYPES', 'KL_LOG_RATIO_CLAMP', 'OPTIMIZERS', 'LR_SCHEDULERS', 'DEVICES',
            'MIXED_PRECISION', 'LOAD_DTYPES', 'LORA_DEFAULTS', 'PAPER_LEARNING_RATES', 'PRESETS', 'TIMING_METRICS',
-           'check_choice', 'compute_advantages', 'masked_mean', 'grpo_loss', 'TrainConfig', 'stable_seed', 'rng_state',
-           'set_rng_state', 'checkpoint_dirs', 'load_checkpoint_file', 'lr_lambda', 'evaluate_accuracy',
-           'model_prompt_style', 'resolve_mixed_precision', 'autocast_forward', 'load_policy', 'batch_shape',
-           'split_rollout', 'TrainingSetup', 'build_optimizer', 'setup_training', 'step_rollouts', 'step_rewards',
-           'reference_logps', 'policy_update', 'train_step', 'step_metrics', 'evaluate_during_training',
+           'compute_advantages', 'masked_mean', 'grpo_loss', 'TrainConfig', 'stable_seed', 'rng_state', 'set_rng_state',
+           'checkpoint_dirs', 'load_checkpoint_file', 'lr_lambda', 'evaluate_accuracy', 'model_prompt_style',
+           'generation_options', 'run_generation_options', 'resolve_mixed_precision', 'autocast_forward', 'load_policy',
+           'batch_shape', 'split_rollout', 'TrainingSetup', 'build_optimizer', 'setup_training', 'step_rollouts',
+           'step_rewards', 'reference_logps', 'policy_update', 'train_step', 'step_metrics', 'evaluate_during_training',
            'trainable_state', 'save_checkpoint', 'load_checkpoint', 'save_final_model', 'start_or_resume',
            'log_metrics', 'finish_run', 'train']
 
 # %% ../nbs/05_grpo.ipynb #28568473
 ADVANTAGE_KINDS = ("grpo", "dr_grpo", "rloo")
 SCALE_REWARDS = ("group", "batch", "none")
-
-
-def check_choice(name: str, value, allowed) -> None:
-    "Raise a `ValueError` naming `name` unless `value` is one of `allowed`."
-    if value not in allowed:
-        raise ValueError(f"{name}: must be one of {list(allowed)}, got {value!r}")
 
 
 def compute_advantages(rewards: Tensor, num_generations: int, scale_rewards: str | None = None,
@@ -144,8 +140,9 @@ class TrainConfig:
     # what to train
     task: str = "cpu/chain_sum"  # a task, suite member ("cpu/chain_sum": the CPU-suite settings) or mix (load_task)
     model: str = "tiny-1m-warm"  # a motg.base.load_model spec (its DEFAULT_MODEL; a preset, "<preset>-warm", a folder)
+    data_files: dict | str | list | None = None  # a math data set's local files, e.g. {"train": ..., "test": ...} (load_task)
     torch_dtype: str = "auto"  # auto (as saved) | float32 | bfloat16: the loaded weights; trainable ones become fp32
-    prompt_style: str = "auto"  # auto | plain | chat (motg.tasks.with_prompts); auto: chat iff the model has a template
+    prompt_style: str = "auto"  # auto | plain | chat | soft_tokens (motg.tasks.with_prompts); also the answer format
     mixer: str = "hard"  # the thinking mixer (motg.mixture.make_mixer); the answer is always hard tokens
     mixer_params: dict = field(default_factory=dict)  # e.g. {"temperature": 0.9}
     reward_scheme: str = "default"  # a scheme of motg.tasks.reward (default, correctness, motg, soft_tokens, ...)
@@ -226,26 +223,6 @@ class TrainConfig:
         return cls(**{**PRESETS[preset], **overrides})
 
 # %% ../nbs/05_grpo.ipynb #e8ed322b
-def _check_int(name: str, value, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
-
-
-def _check_number(name: str, value, low: float, strict: bool = False, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
-        value > low if strict else value >= low)
-    if not ok:
-        raise ValueError(f"{name}: must be a finite number {'>' if strict else '>='} {low}"
-                         f"{' or None' if optional else ''}, got {value!r}")
-
-
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}: must be True or False, got {value!r}")
-
-
 def _check_what(config: TrainConfig) -> None:
     "Task, model, mixer, reward, prompt style and data sizes."
     from motg.mixture import make_mixer, require_trainable
@@ -258,47 +235,50 @@ def _check_what(config: TrainConfig) -> None:
     require_trainable(make_mixer(config.mixer, **config.mixer_params))
     check_choice("reward_scheme", config.reward_scheme, REWARD_SCHEMES)
     check_choice("prompt_style", config.prompt_style, PROMPT_STYLE_SETTINGS)
-    _check_int("train_size", config.train_size, 1)
-    _check_int("eval_size", config.eval_size, 0)
+    if config.data_files is not None and not isinstance(config.data_files, (str, list, dict)):
+        raise ValueError(f"data_files: must be None, a path, a list of paths or a dict from split to paths, "
+                         f"got {config.data_files!r}")
+    check_int("train_size", config.train_size, 1)
+    check_int("eval_size", config.eval_size, 0)
 
 
 def _check_rollout_and_loss(config: TrainConfig) -> None:
     "Batch shape, rollout lengths, advantages and loss."
-    _check_int("prompts_per_step", config.prompts_per_step, 1)
-    _check_int("num_generations", config.num_generations, 2)
-    _check_int("max_completion_length", config.max_completion_length, 1)
+    check_int("prompts_per_step", config.prompts_per_step, 1)
+    check_int("num_generations", config.num_generations, 2)
+    check_int("max_completion_length", config.max_completion_length, 1)
     if config.max_think_tokens is not None:
-        _check_int("max_think_tokens", config.max_think_tokens, 0)
-    _check_number("answer_temperature", config.answer_temperature, 0, strict=True)
+        check_int("max_think_tokens", config.max_think_tokens, 0)
+    check_number("answer_temperature", config.answer_temperature, 0, strict=True)
     check_choice("advantage", config.advantage, ADVANTAGE_KINDS)
     if config.scale_rewards is not None:
         check_choice("scale_rewards", config.scale_rewards, SCALE_REWARDS)
     if config.advantage == "dr_grpo" and config.scale_rewards not in (None, "none"):
         raise ValueError("scale_rewards: Dr. GRPO does not scale rewards; use advantage='grpo' to scale them")
     check_choice("loss_type", config.loss_type, LOSS_TYPES)
-    _check_bool("use_bias_correction_kl", config.use_bias_correction_kl)
-    _check_number("beta", config.beta, 0)
-    _check_number("epsilon", config.epsilon, 0)
-    _check_number("epsilon_high", config.epsilon_high, 0, optional=True)
-    _check_int("num_iterations", config.num_iterations, 1)
+    check_bool("use_bias_correction_kl", config.use_bias_correction_kl)
+    check_number("beta", config.beta, 0)
+    check_number("epsilon", config.epsilon, 0)
+    check_number("epsilon_high", config.epsilon_high, 0, optional=True)
+    check_int("num_iterations", config.num_iterations, 1)
 
 # %% ../nbs/05_grpo.ipynb #ed1908fa
 def _check_optimisation(config: TrainConfig) -> None:
     "Steps, optimizer, schedule, clipping and accumulation."
-    _check_int("steps", config.steps, 1)
-    _check_number("learning_rate", config.learning_rate, 0, strict=True)
+    check_int("steps", config.steps, 1)
+    check_number("learning_rate", config.learning_rate, 0, strict=True)
     check_choice("optimizer", config.optimizer, OPTIMIZERS)
     for name in ["adam_beta1", "adam_beta2"]:
         if not (isinstance(getattr(config, name), (int, float)) and 0 <= getattr(config, name) < 1):
             raise ValueError(f"{name}: must be a number in [0, 1), got {getattr(config, name)!r}")
-    _check_number("adam_epsilon", config.adam_epsilon, 0, strict=True)
-    _check_number("weight_decay", config.weight_decay, 0)
+    check_number("adam_epsilon", config.adam_epsilon, 0, strict=True)
+    check_number("weight_decay", config.weight_decay, 0)
     check_choice("lr_scheduler_type", config.lr_scheduler_type, LR_SCHEDULERS)
     if not (isinstance(config.warmup_ratio, (int, float)) and 0 <= config.warmup_ratio < 1):
         raise ValueError(f"warmup_ratio: must be a number in [0, 1), got {config.warmup_ratio!r}")
-    _check_int("warmup_steps", config.warmup_steps, 0)
-    _check_number("max_grad_norm", config.max_grad_norm, 0, strict=True, optional=True)
-    _check_int("gradient_accumulation_steps", config.gradient_accumulation_steps, 1)
+    check_int("warmup_steps", config.warmup_steps, 0)
+    check_number("max_grad_norm", config.max_grad_norm, 0, strict=True, optional=True)
+    check_int("gradient_accumulation_steps", config.gradient_accumulation_steps, 1)
     if config.sequences_per_step % config.gradient_accumulation_steps:
         raise ValueError(f"gradient_accumulation_steps: must divide prompts_per_step × num_generations = "
                          f"{config.sequences_per_step}, got {config.gradient_accumulation_steps}")
@@ -307,19 +287,19 @@ def _check_optimisation(config: TrainConfig) -> None:
 def _check_memory(config: TrainConfig) -> None:
     "Generation batch, precision, checkpointing and LoRA (its options only with `use_peft`)."
     if config.generation_batch_size is not None:
-        _check_int("generation_batch_size", config.generation_batch_size, 1)
+        check_int("generation_batch_size", config.generation_batch_size, 1)
         if config.sequences_per_step % config.generation_batch_size:
             raise ValueError(f"generation_batch_size: must divide prompts_per_step × num_generations = "
                              f"{config.sequences_per_step}, got {config.generation_batch_size}")
     check_choice("torch_dtype", config.torch_dtype, LOAD_DTYPES)
     check_choice("mixed_precision", config.mixed_precision, MIXED_PRECISION)
     for name in ["gradient_checkpointing", "use_peft"]:
-        _check_bool(name, getattr(config, name))
+        check_bool(name, getattr(config, name))
     set_without_peft = [name for name, default in LORA_DEFAULTS.items() if getattr(config, name) != default]
     if set_without_peft and not config.use_peft:
         raise ValueError(f"{', '.join(set_without_peft)}: LoRA options need use_peft=True")
-    _check_int("lora_r", config.lora_r, 1)
-    _check_number("lora_alpha", config.lora_alpha, 0, strict=True)
+    check_int("lora_r", config.lora_r, 1)
+    check_number("lora_alpha", config.lora_alpha, 0, strict=True)
     if not (isinstance(config.lora_dropout, (int, float)) and 0 <= config.lora_dropout < 1):
         raise ValueError(f"lora_dropout: must be a number in [0, 1), got {config.lora_dropout!r}")
     modules = config.lora_target_modules
@@ -332,11 +312,11 @@ def _check_memory(config: TrainConfig) -> None:
 def _check_bookkeeping(config: TrainConfig) -> None:
     "Evaluation, logging, checkpoints, seed and device."
     for name in ["eval_greedy", "progress", "log_entropy"]:
-        _check_bool(name, getattr(config, name))
+        check_bool(name, getattr(config, name))
     for name in ["eval_steps", "eval_num_samples", "save_steps", "seed"]:
-        _check_int(name, getattr(config, name), 0)
-    _check_int("eval_batch_size", config.eval_batch_size, 1)
-    _check_int("save_total_limit", config.save_total_limit, 1)
+        check_int(name, getattr(config, name), 0)
+    check_int("eval_batch_size", config.eval_batch_size, 1)
+    check_int("save_total_limit", config.save_total_limit, 1)
     check_choice("device", config.device, DEVICES)
 
 # %% ../nbs/05_grpo.ipynb #d6a59237
@@ -432,9 +412,9 @@ def evaluate_accuracy(model, tokenizer, rows, mixer, config: TrainConfig, accele
                 continue
             chunk = jobs[start:start + config.eval_batch_size]
             generator = torch.Generator(device).manual_seed(stable_seed(config.seed, "eval", mode, c))
-            rollout = generate(model, tokenizer, [rows[i]["prompt"] for i, _ in chunk], mixer,
-                               config.max_completion_length, generator, greedy=mode == "greedy", answer=mode,
-                               answer_temperature=config.answer_temperature, max_think_tokens=config.max_think_tokens)
+            rollout = generate(model, tokenizer, [rows[i]["prompt"] for i, _ in chunk], mixer, generator=generator,
+                               greedy=mode == "greedy", answer=mode, answer_temperature=config.answer_temperature,
+                               **run_generation_options(config, tokenizer))
             lengths = rollout.completion_mask.sum(-1).tolist()
             local += [(i, r, float(score(text, rows[i])), n) for (i, r), text, n in zip(chunk, rollout.text, lengths)]
         done = sorted(gather_object(local) if world > 1 else local)
@@ -446,12 +426,12 @@ def evaluate_accuracy(model, tokenizer, rows, mixer, config: TrainConfig, accele
 
 # %% ../nbs/05_grpo.ipynb #52d99a62
 def model_prompt_style(model: str, prompt_style: str = "auto") -> str:
-    "The prompt style ('plain' or 'chat') of a run of the model spec `model`, read from its tokenizer alone."
+    "The prompt style ('plain', 'chat' or 'soft_tokens') of a run of the model spec `model`, read from its tokenizer alone."
     from motg.base import build_tokenizer, check_model_spec, load_tokenizer, smollm2_gguf
     from motg.tasks import PROMPT_STYLE_SETTINGS, resolve_prompt_style
     check_choice("prompt_style", prompt_style, PROMPT_STYLE_SETTINGS)
-    if prompt_style == "plain":
-        return "plain"  # no tokenizer needed
+    if prompt_style in ("plain", "soft_tokens"):
+        return prompt_style  # raw text: no tokenizer needed
     kind = check_model_spec(model)
     if kind in ("preset", "warm"):
         tokenizer = build_tokenizer()  # the character tokenizer, which has no chat template
@@ -467,6 +447,39 @@ def model_prompt_style(model: str, prompt_style: str = "auto") -> str:
         raise ValueError(f"prompt_style: 'chat' needs a model whose tokenizer has a chat template, and {model!r} has "
                          "none; use 'plain', or 'auto' to choose by the tokenizer")
     return resolve_prompt_style(prompt_style, tokenizer)
+
+# %% ../nbs/05_grpo.ipynb #911263c4
+def generation_options(answer_format, tokenizer, max_new_tokens: int, max_think_tokens: int | None = None) -> dict:
+    "`generate`'s end-of-thinking text, prefills and token limits for `answer_format` (a name in `motg.tasks.ANSWER_FORMATS`)."
+    from motg.tasks import ANSWER_FORMATS
+    fmt = ANSWER_FORMATS[check_choice("answer_format", answer_format, tuple(ANSWER_FORMATS))]
+    check_int("max_new_tokens", max_new_tokens, 1)
+    if max_think_tokens is not None:
+        check_int("max_think_tokens", max_think_tokens, 0)
+    options = dict(think_end_text=fmt.think_end, answer_prefix=fmt.answer_prefill_early,
+                   budget_prefix=fmt.answer_prefill_budget, max_new_tokens=max_new_tokens,
+                   max_think_tokens=max_think_tokens)
+    if fmt.answer_tokens is None:
+        return options
+    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    budget = fmt.think_end + fmt.answer_prefill_early if fmt.answer_prefill_budget is None else fmt.answer_prefill_budget
+    room = fmt.answer_tokens + max(count(fmt.answer_prefill_early), count(budget))  # the answer after either prefill
+    if max_think_tokens is None:
+        if max_new_tokens <= room:
+            raise ValueError(f"max_new_tokens: the {fmt.name} format needs more than {room} (its prefill and "
+                             f"{fmt.answer_tokens} answer tokens) to leave room for thinking, got {max_new_tokens}")
+        options["max_think_tokens"] = max_new_tokens - room
+    else:
+        options["max_new_tokens"] = min(max_new_tokens, max_think_tokens + room)
+    return options
+
+
+def run_generation_options(config: TrainConfig, tokenizer) -> dict:
+    "`generation_options` of a run: the answer format of its prompt style (resolved by `tokenizer`), its token limits."
+    from motg.tasks import answer_format, resolve_prompt_style
+    style = resolve_prompt_style(config.prompt_style, tokenizer)
+    return generation_options(answer_format(style).name, tokenizer, config.max_completion_length,
+                              config.max_think_tokens)
 
 # %% ../nbs/05_grpo.ipynb #e9f3901f
 def resolve_mixed_precision(setting: str, device: torch.device | str, launched: str = "no") -> str:
@@ -605,7 +618,7 @@ def setup_training(config: TrainConfig, out_dir: Path, resume: bool = False, ove
     "Check everything, make the run folder, load policy, data and optimizer, and pass them through `accelerator.prepare`."
     from accelerate import Accelerator
     from motg.base import check_model_spec
-    from motg.experiment import prepare_run_dir, relative_to_root, write_json
+    from motg.runs import prepare_run_dir, relative_to_root, write_json
     from motg.mixture import make_mixer
     from motg.tasks import load_task, with_prompts
     cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
@@ -613,7 +626,7 @@ def setup_training(config: TrainConfig, out_dir: Path, resume: bool = False, ove
     precision = resolve_mixed_precision(config.mixed_precision, accelerator.device, accelerator.mixed_precision)
     shape = batch_shape(config, accelerator.num_processes)
     check_model_spec(config.model)  # an unusable model spec, or an unknown task, raises before any folder exists
-    load_task(config.task, "test", 1, 0)
+    load_task(config.task, "test", 1, 0, data_files=config.data_files)
     # 'auto' resolved and 'chat' checked from the tokenizer alone, before any folder exists; config.json records it
     config = replace(config, prompt_style=model_prompt_style(config.model, config.prompt_style))
     _run_state(config, out_dir, resume, overwrite)
@@ -626,12 +639,16 @@ def setup_training(config: TrainConfig, out_dir: Path, resume: bool = False, ove
     base = getattr(policy.model, "name_or_path", "") or config.model  # a warm preset: its cache folder
     base = relative_to_root(base) if Path(base).is_dir() else base  # results never store absolute paths
     # the prompts the model trains on are the ones it is evaluated on (motg.experiment.evaluate_run does the same)
-    rows = lambda split, size: with_prompts(list(load_task(config.task, split, size, config.seed)),
+    rows = lambda split, size: with_prompts(list(load_task(config.task, split, size, config.seed,
+                                                           data_files=config.data_files)),
                                             config.prompt_style, tokenizer)
+    mixer = make_mixer(config.mixer, **config.mixer_params)
+    if hasattr(mixer, "noise_std"):  # soft, fuzzy: σ fixed now from the base model's E, never a checkpoint's
+        mixer.noise_std(policy.embedding_matrix())
     optimizer, scheduler = build_optimizer(config, policy, config.steps * config.num_iterations)
     model, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
     return TrainingSetup(config, accelerator, model, accelerator.unwrap_model(model), reference, tokenizer,
-                         make_mixer(config.mixer, **config.mixer_params), optimizer, scheduler,
+                         mixer, optimizer, scheduler,
                          rows("train", config.train_size), rows("test", config.eval_size) if config.eval_size else [],
                          shape, precision, base)
 
@@ -670,6 +687,7 @@ def step_rollouts(setup: TrainingSetup, step: int) -> tuple[list, list[dict]]:
     config, (local, size, _) = setup.config, setup.shape
     G, calls = config.num_generations, local // size
     rollouts, rows = [], []
+    options = run_generation_options(config, setup.tokenizer)  # the answer format of the run's prompt style
     setup.policy.eval()
     for j in range(calls):
         c = setup.accelerator.process_index * calls + j  # global: the same draws on any number of processes
@@ -677,9 +695,8 @@ def step_rollouts(setup: TrainingSetup, step: int) -> tuple[list, list[dict]]:
                  for s in range(c * size, (c + 1) * size)]
         generator = torch.Generator(setup.accelerator.device).manual_seed(stable_seed(config.seed, "rollout", step, c))
         rollouts.append(generate(setup.policy, setup.tokenizer, [row["prompt"] for row in batch], setup.mixer,
-                                 config.max_completion_length, generator, answer="sample",
-                                 answer_temperature=config.answer_temperature,
-                                 max_think_tokens=config.max_think_tokens, keep_hidden=config.log_entropy))
+                                 generator=generator, answer="sample", answer_temperature=config.answer_temperature,
+                                 keep_hidden=config.log_entropy, **options))
         rows += batch
     return rollouts, rows
 
@@ -837,7 +854,8 @@ def save_checkpoint(setup: TrainingSetup, out_dir: Path, step: int) -> Path:
     if accelerator.is_main_process:
         torch.save({"model": trainable_state(setup), "optimizer": setup.optimizer.state_dict(),
                     "scheduler": setup.scheduler.state_dict(), "step": step, "metrics_lines": setup.metrics_lines,
-                    "num_processes": accelerator.num_processes}, tmp / "state.pt")
+                    "num_processes": accelerator.num_processes,
+                    "mixer_sigma": getattr(setup.mixer, "sigma", None)}, tmp / "state.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
@@ -856,6 +874,8 @@ def load_checkpoint(setup: TrainingSetup, folder: Path) -> dict:
         raise ValueError(f"checkpoint: {folder} holds weights this model does not have: {result.unexpected_keys[:3]}")
     setup.optimizer.load_state_dict(state["optimizer"])
     setup.scheduler.load_state_dict(state["scheduler"])
+    if state.get("mixer_sigma") is not None:  # soft, fuzzy: the σ the run trained with (the base model's)
+        setup.mixer.sigma = state["mixer_sigma"]
     rng_file = folder / f"rng-{setup.accelerator.process_index}.pt"
     if state["num_processes"] == setup.accelerator.num_processes and rng_file.exists():
         set_rng_state(load_checkpoint_file(rng_file))
@@ -903,7 +923,7 @@ def log_metrics(setup: TrainingSetup, out_dir: Path, record: dict) -> None:
 def finish_run(setup: TrainingSetup, out_dir: Path, record: dict, initial_eval: dict, start_time: float,
                reward_fn=None) -> dict:
     "Save the final model and write `train_summary.json` (last); returns what `train` returns."
-    from motg.experiment import provenance, write_json
+    from motg.runs import provenance, write_json
     config, metrics_path = setup.config, out_dir / "metrics.jsonl"
     lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
     evals = lambda line: {k: v for k, v in line.items() if k.startswith("eval_")}

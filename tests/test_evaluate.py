@@ -10,6 +10,7 @@ from motg.analysis import diversity_records, markdown_table, profile, step_frame
 from motg.evaluate import (GRID_COLUMNS, MODES, answer_context, answer_nll, evaluate, grid_columns, inference_grid,
                            ood_scores, pass_at_k, sample_records)
 from motg.mixture import make_mixer
+import motg.rollout
 from motg.rollout import generate
 from motg.tasks import load_task, score
 from motg.testing import tiny_lm
@@ -241,3 +242,55 @@ def test_compare_arms_pairs_problems_and_seeds_per_task():
         assert records[task]["estimate"] == pytest.approx(d.mean())
         assert (records[task]["low"], records[task]["high"]) == pytest.approx((expected["low"], expected["high"]))
         assert records[task]["n_seeds"] == 2 and records[task]["n_problems"] == 4
+
+
+# --- the answer format: Soft Tokens' end of thinking, prefill and boxed answers --------------------------------
+
+
+def test_soft_tokens_rows_decode_with_the_prefill_and_score_the_boxed_answer():
+    """A scripted model ends its thinking with "The final answer is:" and writes "5}.": the answer phase starts
+    with the forced ` \\boxed{`, and Math-Verify scores the boxed 5 against the gold 5 (and 4 as wrong)."""
+    from test_rollout import byte_bpe_tokenizer, encode, scripted_lm
+    bpe = byte_bpe_tokenizer()
+    prompts = ["Q: 2 + 3? A:", "Q: 2 + 3 + 0? A:"]
+    rows = [{"task": "gsm8k", "question": "2 + 3", "answer": "5", "entry": "{}", "prompt": p} for p in prompts]
+    thinking, prefill = encode(bpe, " 2 + 3 = 5. The final answer is:"), encode(bpe, " \\boxed{")
+    answers = ["5}.", "4}."]
+    scripts = [thinking + [0] * len(prefill) + encode(bpe, a) + [bpe.eos_token_id] for a in answers]  # forced steps: any token
+    model = scripted_lm(bpe, prompts, scripts)
+    records = sample_records(model, bpe, rows, "hard", greedy=True, max_new_tokens=200, answer_format="soft_tokens")
+    assert [r["completion"] for r in records] == [" 2 + 3 = 5. The final answer is: \\boxed{5}.",
+                                                  " 2 + 3 = 5. The final answer is: \\boxed{4}."]
+    assert [r["correct"] for r in records] == [True, False]
+    motg_records = sample_records(model, bpe, rows, "hard", greedy=True, max_new_tokens=200, answer_format="motg")
+    assert all("\\boxed{" not in r["completion"][:len(" 2 + 3 = 5. The final answer is: ")]  # no prefill: the
+               for r in motg_records)  # script's own tokens follow the text, and MoT-G's tag never came
+
+
+def test_the_answer_format_follows_the_prompt_style_or_the_rows_prompts(monkeypatch):
+    from motg.evaluate import resolve_answer_format
+    from motg.tasks import format_prompt
+    row = {"task": "gsm8k", "question": "1 + 1?", "answer": "2", "entry": "{}"}
+    soft_rows = [{**row, "prompt": format_prompt("1 + 1?", "soft_tokens")}]
+    plain_rows = [{**row, "prompt": format_prompt("1 + 1?", "plain")}]
+    assert resolve_answer_format(soft_rows) == "soft_tokens" and resolve_answer_format(plain_rows) == "motg"
+    assert resolve_answer_format(plain_rows, prompt_style="soft_tokens") == "soft_tokens"
+    assert resolve_answer_format(soft_rows, prompt_style="plain") == "motg"
+    assert resolve_answer_format(soft_rows, answer_format="motg") == "motg"
+    with pytest.raises(ValueError, match="^rows:"):
+        resolve_answer_format(soft_rows + plain_rows)
+    with pytest.raises(ValueError, match="^answer_format:"):
+        resolve_answer_format(plain_rows, answer_format="xml")
+    calls = []  # evaluate passes the format's tag, prefills and limits to every generate call
+    real = motg.rollout.generate
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(motg.rollout, "generate", recording)
+    model, tokenizer = __import__("motg.testing", fromlist=["stand_in"]).stand_in("qwen2.5-1.5b")
+    records = evaluate(model, tokenizer, soft_rows, "soft", n_samples=2, ks=(1, 2), max_new_tokens=60,
+                       max_think_tokens=3)
+    assert len(calls) == 2 and all(c["think_end_text"] == "The final answer is:" and c["answer_prefix"] == " \\boxed{"
+                                   and c["max_think_tokens"] == 3 for c in calls)
+    assert {r["metric"] for r in records} >= {"pass@1", "pass@2"}

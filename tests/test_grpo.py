@@ -542,3 +542,72 @@ def test_no_batch_by_steps_by_vocab_tensor_in_the_loss_or_evaluation():
     with LargestVocabTensor(V) as recorder:
         evaluate_accuracy(model, tokenizer, rows, mixer, config)
     assert recorder.shapes and all(len(s) == 2 or s[-2] == 1 for s in recorder.shapes)  # one step at a time
+
+
+# --- Soft Tokens' answer format, its math data sets, σ at resume ------------------------------------------------
+
+def write_gsm8k(folder: Path, n: int = 6) -> dict:
+    "GSM8K-layout JSONL files (question, answer ending in '#### n'): {'train': path, 'test': path}."
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split in ("train", "test"):
+        rows = [{"question": f"Ann has {i} pens and buys {i + 2} more. How many pens?",
+                 "answer": f"She has {i} + {i + 2} = {2 * i + 2} pens.\n#### {2 * i + 2}"} for i in range(n)]
+        paths[split] = str(folder / f"gsm8k-{split}.jsonl")
+        Path(paths[split]).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return paths
+
+
+def test_a_soft_tokens_run_prefills_the_box_and_rewards_the_boxed_answer(tmp_path, monkeypatch):
+    """A run in Soft Tokens' format on local GSM8K files with a Qwen2-shaped stand-in: every generate call (rollouts
+    and in-loop evaluation) gets its end of thinking and prefills, the 4-token budget forces "The final answer is:
+    \\boxed{", and the soft_tokens reward reads the box with Math-Verify (100/10/0 as 1/0.1/0)."""
+    import types
+    import motg.rollout
+    from motg.grpo import step_rewards
+    from motg.tasks import load_task
+    from motg.testing import save_stand_in
+    real, calls = motg.rollout.generate, []
+
+    def generate(*args, **kwargs):
+        rollout = real(*args, **kwargs)
+        calls.append((kwargs, rollout.text))
+        return rollout
+    monkeypatch.setattr(motg.rollout, "generate", generate)
+    files = write_gsm8k(tmp_path / "data")
+    config = tiny_config(model=str(save_stand_in(tmp_path / "qwen", "qwen2.5-1.5b")), task="gsm8k", data_files=files,
+                         prompt_style="soft_tokens", reward_scheme="soft_tokens", advantage="rloo",
+                         loss_type="sequence_sum", max_completion_length=80, max_think_tokens=4, steps=1,
+                         num_generations=2, train_size=4, eval_size=2)
+    train(config, tmp_path / "run")
+    assert len(calls) == 3  # evaluation, rollouts, evaluation
+    for kwargs, texts in calls:
+        assert (kwargs["think_end_text"], kwargs["answer_prefix"], kwargs["budget_prefix"], kwargs["max_think_tokens"]) \
+            == ("The final answer is:", " \\boxed{", "The final answer is: \\boxed{", 4)
+        assert kwargs["max_new_tokens"] < 80  # budget + prefill + 32 answer tokens
+        assert all("The final answer is: \\boxed{" in text for text in texts), texts
+    step = read_metrics(tmp_path / "run")[1]
+    assert step["reward_mean"] == pytest.approx(0.1)  # a random model: a non-empty box, never the right number
+    rows = list(load_task("gsm8k", "train", 2, 0, data_files=files))
+    setup = types.SimpleNamespace(config=config, accelerator=types.SimpleNamespace(device="cpu", num_processes=1))
+    texts = [f"So. The final answer is: \\boxed{{{rows[0]['answer']}}}.", "The final answer is: \\boxed{-1}."]
+    rewards, correct = step_rewards(setup, texts, rows)
+    assert rewards.tolist() == pytest.approx([1.0, 0.1]) and correct.tolist() == [1.0, 0.0]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data_files"] == files
+
+
+def test_sigma_of_soft_tokens_comes_from_the_base_model_also_after_resume(tmp_path):
+    "σ = 0.33·RMS(E) of the base model: fixed when the run is set up, kept in each checkpoint, restored on resume."
+    from motg.base import load_model
+    from motg.grpo import load_checkpoint, setup_training
+    from motg.mixture import noise_scale
+    config = tiny_config(mixer="soft", steps=2, save_total_limit=2, eval_size=0, learning_rate=5e-2)
+    train(config, tmp_path / "run", reward_fn=text_reward)
+    base_sigma = noise_scale(load_model("tiny-test")[0].get_input_embeddings().weight)
+    trained_sigma = noise_scale(load_model(str(tmp_path / "run" / "model"))[0].get_input_embeddings().weight)
+    assert trained_sigma != pytest.approx(base_sigma, rel=1e-6)  # training moved E: the two readings differ
+    assert final_state(tmp_path / "run")["mixer_sigma"] == pytest.approx(base_sigma, rel=1e-6)
+    setup = setup_training(config, tmp_path / "run", resume=True)  # as a resumed run: base E first, then the checkpoint
+    assert setup.mixer.sigma == pytest.approx(base_sigma, rel=1e-6)
+    load_checkpoint(setup, tmp_path / "run" / "checkpoints" / "step-000001")
+    assert setup.mixer.sigma == pytest.approx(base_sigma, rel=1e-6)
