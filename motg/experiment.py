@@ -19,9 +19,9 @@ from typing import Callable
 import yaml
 
 from .mixture import MIXERS
-# run folders, provenance and JSON: used here, and still importable from motg.experiment for tools/ and train.ipynb
-from .runs import (PACKAGES, check_int, check_str_list, config_hash, git_state, hardware, package_versions,
-    prepare_run_dir, project_root, provenance, relative_to_root, run_is_complete, write_json)
+# provenance, relative_to_root and write_json are also imported from here by tools/ (bench_*, rl_regime, warm_start)
+from .runs import (check_int, check_str_list, config_hash, project_root, provenance, relative_to_root,
+    run_is_complete, write_json)
 
 # %% auto #0
 __all__ = ['EVAL_MODES', 'EVAL_SEED', 'profile_path', 'load_profile', 'run_name', 'RunSpec', 'expand_sweep', 'RunFailed',
