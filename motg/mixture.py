@@ -17,10 +17,10 @@ from torch import Tensor, nn
 
 # %% auto #0
 __all__ = ['OBJECTIVES', 'CENSOR', 'WEIGHTINGS', 'GUMBEL_OBJECTIVES', 'MIXERS', 'TRAINABLE_MIXERS', 'Mixture', 'embed',
-           'MixtureLM', 'Mixer', 'check_positive', 'check_k', 'check_in_range', 'check_choice', 'check_generator',
-           'sample_categorical', 'Hard', 'sample_dirichlet', 'Dirichlet', 'set_log_prob', 'DifferentTokens',
-           'noise_scale', 'gaussian_log_density', 'Soft', 'Fuzzy', 'SoftThinking', 'MixtureOfInputs', 'Multiplex',
-           'concrete_log_prob', 'soft_grpo_surrogate', 'GumbelSoft', 'make_mixer', 'require_trainable']
+           'MixtureLM', 'Mixer', 'check_k', 'check_generator', 'sample_categorical', 'Hard', 'sample_dirichlet',
+           'Dirichlet', 'set_log_prob', 'DifferentTokens', 'noise_scale', 'gaussian_log_density', 'soft_mean',
+           'vector_action', 'Soft', 'Fuzzy', 'SoftThinking', 'MixtureOfInputs', 'Multiplex', 'concrete_log_prob',
+           'soft_grpo_surrogate', 'GumbelSoft', 'make_mixer', 'require_trainable']
 
 # %% ../nbs/03_mixture.ipynb #1bba4ce5
 @dataclass
@@ -107,11 +107,7 @@ class Mixer:
         return f"{type(self).__name__}({params})"
 
 # %% ../nbs/03_mixture.ipynb #7b690a9a
-def check_positive(name: str, value: float) -> float:
-    "Raise a `ValueError` naming `name` unless `value > 0`."
-    if not (isinstance(value, (int, float)) and value > 0):
-        raise ValueError(f"{name}: must be a number > 0, got {value!r}")
-    return float(value)
+from .runs import check_choice, check_in_range, check_positive  # the shared checks (one home: motg.runs)
 
 
 def check_k(k: int, vocab_size: int | None = None, name: str = "k") -> int:
@@ -120,24 +116,6 @@ def check_k(k: int, vocab_size: int | None = None, name: str = "k") -> int:
         upper = "the vocabulary size" if vocab_size is None else str(vocab_size)
         raise ValueError(f"{name}: must be an integer with 1 <= {name} <= {upper}, got {k!r}")
     return k
-
-
-def check_in_range(name: str, value: float, low: float, high: float, low_open: bool = False,
-                   high_open: bool = False) -> float:
-    "Raise a `ValueError` naming `name` unless `value` lies in the interval from `low` to `high` (open ends as given)."
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-          and (value > low if low_open else value >= low) and (value < high if high_open else value <= high))
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ValueError(f"{name}: must be a number in {interval}, got {value!r}")
-    return float(value)
-
-
-def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
-    "Raise a `ValueError` naming `name` unless `value` is one of `allowed`."
-    if value not in allowed:
-        raise ValueError(f"{name}: must be one of {list(allowed)}, got {value!r}")
-    return value
 
 
 def check_generator(generator: torch.Generator | None, device: torch.device) -> None:
@@ -372,6 +350,18 @@ def gaussian_log_density(squared_distance: Tensor, sigma: float, dim: int) -> Te
     "log N(v; μ, σ²·I) in `dim` dimensions, from the squared distance ‖v − μ‖²."
     return -squared_distance / (2 * sigma**2) - dim / 2 * math.log(2 * math.pi * sigma**2)
 
+# %% ../nbs/03_mixture.ipynb #be2b738c
+def soft_mean(logits: Tensor, E: Tensor, temperature: float) -> Tensor:
+    "μ = softmax(logits/τ) @ E `[..., d]` in E's dtype: the softmax in float32, no float32 copy of E (differentiable)."
+    return torch.softmax(_as_float(logits) / temperature, dim=-1).to(E.dtype) @ E
+
+
+def vector_action(vector: Tensor, logits: Tensor) -> Mixture:
+    "A continuous action: the `vector` fed to the model, with the argmax token as its text (weight 0, one id)."
+    token = logits.argmax(-1)
+    return Mixture(token.unsqueeze(-1), torch.zeros(*token.shape, 1, device=vector.device), vector, token)
+
+
 # %% ../nbs/03_mixture.ipynb #a1c0de03
 class Soft(Mixer):
     "Soft tokens: the probability mixture of all token embeddings at `temperature`, plus Gaussian noise of std σ."
@@ -403,12 +393,8 @@ class Soft(Mixer):
         return self.sigma
 
     def mean(self, logits: Tensor, E: Tensor) -> Tensor:
-        "μ = softmax(logits/τ) @ E `[..., d]` in E's dtype: the softmax in float32, no float32 copy of E (differentiable)."
-        return torch.softmax(_as_float(logits) / self.temperature, dim=-1).to(E.dtype) @ E
-
-    def _action(self, vector: Tensor, logits: Tensor) -> Mixture:
-        token = logits.argmax(-1)
-        return Mixture(token.unsqueeze(-1), torch.zeros(*token.shape, 1, device=vector.device), vector, token)
+        "μ = softmax(logits/τ) @ E `[..., d]` (see `soft_mean`)."
+        return soft_mean(logits, E, self.temperature)
 
     @torch.no_grad()
     def sample(self, logits: Tensor, E: Tensor, generator: torch.Generator | None = None) -> Mixture:
@@ -422,12 +408,12 @@ class Soft(Mixer):
         sigma = self._log_density_sigma(E) if log_density else self.noise_std(E)
         mean = _as_float(self.mean(logits, E))
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        action = self._action(mean + sigma * noise, logits)
+        action = vector_action(mean + sigma * noise, logits)
         return action, gaussian_log_density(sigma**2 * noise.pow(2).sum(-1), sigma, mean.shape[-1]) if log_density else None
 
     @torch.no_grad()
     def greedy(self, logits: Tensor, E: Tensor) -> Mixture:
-        return self._action(_as_float(self.mean(logits, E)), logits)
+        return vector_action(_as_float(self.mean(logits, E)), logits)
 
     def log_prob(self, logits: Tensor, mixture: Mixture, E: Tensor) -> Tensor:
         _check_mixture(self, mixture)

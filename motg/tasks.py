@@ -207,6 +207,7 @@ def arithmetic_trace(expression: str) -> str:
     return "".join(step + "\n" for step in steps)
 
 
+# %% ../nbs/00_tasks.ipynb #2da52623
 def leg_counting_trace(entry: dict) -> str:
     "`animal count*legs=product` per animal, then the sum of the products."
     animals = entry["metadata"]["animals"]
@@ -230,6 +231,7 @@ def letter_counting_trace(entry: dict) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+# %% ../nbs/00_tasks.ipynb #db45092b
 TRACES: dict[str, Callable[[dict], str]] = {
     "chain_sum": lambda entry: arithmetic_trace(entry["metadata"]["expression"]),
     "basic_arithmetic": lambda entry: arithmetic_trace(entry["metadata"]["expression"]),
