@@ -110,7 +110,8 @@ def run_train_notebook(params: dict, run_dir: Path | str, notebook: Path | str |
     run_dir.mkdir(parents=True, exist_ok=True)
     # train.ipynb refuses a non-empty out_dir unless resuming; the executed notebook is moved in once it finishes
     executed = run_dir.with_name(run_dir.name + ".executing.ipynb")
-    parameters = {**params, "out_dir": str(run_dir.resolve()), "resume": resume}
+    parameters = {**params, "out_dir": str(run_dir.resolve()), "resume": resume,
+                  "progress": False}  # a sweep's runs keep their bars in their own notebooks
     try:
         if env is None:
             pm.execute_notebook(str(notebook), str(executed), parameters=parameters, kernel_name=kernel_name,

@@ -66,10 +66,7 @@ EXPERIMENT_NOTEBOOKS = sorted(p.name for p in (ROOT / "nbs").glob("*.ipynb")
                               if not p.name[:2].isdigit() and p.name != "index.ipynb")
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(reason="reproduce.ipynb needs the raw frontmatter cell "
-                                               "'---\\nskip_exec: true\\n---' that train.ipynb has"))
-    if name == "reproduce.ipynb" else name for name in EXPERIMENT_NOTEBOOKS])
+@pytest.mark.parametrize("name", EXPERIMENT_NOTEBOOKS)
 def test_nbdev_test_skips_the_experiment_notebooks(name):
     "train and reproduce write run folders: nbdev_test skips them (frontmatter skip_exec); papermill tests run them."
     from nbdev.frontmatter import FrontmatterProc
