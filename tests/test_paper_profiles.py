@@ -153,3 +153,15 @@ def test_the_mot_g_paper_profile_runs_end_to_end_on_a_stand_in(tmp_path, stand_i
     assert (config.prompt_style, config.beta, config.reward_scheme, config.mixer) == ("chat", 0.1, "motg", "dirichlet")
     assert json.loads((run_dir / "config.json").read_text())["model"] == config.model
     assert any(r["metric"] == "pass@1" for r in evaluation["records"])
+
+
+def test_train_notebook_passes_data_files_to_the_run(tmp_path):
+    "train.ipynb's `data_files` parameter reaches TrainConfig.data_files (here refused: chain_sum is not read from files)."
+    import papermill as pm
+    smoke = yaml.safe_load((ROOT / "profiles" / "smoke.yaml").read_text())["defaults"]
+    files = write_math_files(tmp_path / "data")
+    with pytest.raises(pm.PapermillExecutionError) as error:
+        pm.execute_notebook(str(ROOT / "nbs" / "train.ipynb"), str(tmp_path / "executed.ipynb"), cwd=str(ROOT / "nbs"),
+                            parameters={**smoke, "out_dir": str(tmp_path / "run"), "data_files": files["gsm8k"]},
+                            progress_bar=False)
+    assert "data_files: only the math data sets" in str(error.value)
