@@ -350,7 +350,7 @@ def gaussian_log_density(squared_distance: Tensor, sigma: float, dim: int) -> Te
     "log N(v; μ, σ²·I) in `dim` dimensions, from the squared distance ‖v − μ‖²."
     return -squared_distance / (2 * sigma**2) - dim / 2 * math.log(2 * math.pi * sigma**2)
 
-# %% ../nbs/03_mixture.ipynb #be2b738c
+# %% ../nbs/03_mixture.ipynb #04da3405
 def soft_mean(logits: Tensor, E: Tensor, temperature: float) -> Tensor:
     "μ = softmax(logits/τ) @ E `[..., d]` in E's dtype: the softmax in float32, no float32 copy of E (differentiable)."
     return torch.softmax(_as_float(logits) / temperature, dim=-1).to(E.dtype) @ E

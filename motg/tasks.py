@@ -207,7 +207,7 @@ def arithmetic_trace(expression: str) -> str:
     return "".join(step + "\n" for step in steps)
 
 
-# %% ../nbs/00_tasks.ipynb #2da52623
+# %% ../nbs/00_tasks.ipynb #3d436d52
 def leg_counting_trace(entry: dict) -> str:
     "`animal count*legs=product` per animal, then the sum of the products."
     animals = entry["metadata"]["animals"]
@@ -231,7 +231,7 @@ def letter_counting_trace(entry: dict) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-# %% ../nbs/00_tasks.ipynb #db45092b
+# %% ../nbs/00_tasks.ipynb #71a3d02a
 TRACES: dict[str, Callable[[dict], str]] = {
     "chain_sum": lambda entry: arithmetic_trace(entry["metadata"]["expression"]),
     "basic_arithmetic": lambda entry: arithmetic_trace(entry["metadata"]["expression"]),
