@@ -170,8 +170,12 @@ def cmd_grpo(args) -> dict:
     name = f"hard-{args.task.split('/')[-1]}-seed{args.seed}"
     run_dir = Path(args.runs) / name
     t0, c0, l0 = time.time(), time.process_time(), os.getloadavg()[0]
-    train(config, run_dir, resume=run_dir.exists())
-    train_wall, train_cpu, l1 = time.time() - t0, time.process_time() - c0, os.getloadavg()[0]
+    if args.eval_only:  # a finished run whose evaluation failed: its training time is the one it recorded
+        trained = json.loads((run_dir / "train_summary.json").read_text())
+        train_wall, train_cpu, l1 = trained["provenance"]["wall_time_s"], None, os.getloadavg()[0]
+    else:
+        train(config, run_dir, resume=run_dir.exists())
+        train_wall, train_cpu, l1 = time.time() - t0, time.process_time() - c0, os.getloadavg()[0]
     model, tokenizer = load_model(str(run_dir / "model"), device="cpu")
     summary, problems = measure(model, tokenizer, eval_rows([args.task], args.n_eval), args.samples,
                                 args.max_new_tokens)
@@ -188,7 +192,7 @@ def cmd_grpo(args) -> dict:
                                        wall_time_s=time.time() - t0)}
     write_json(out / "summary.json", record)
     (out / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
-    print(f"{name}: {json.dumps(summary)}; train {train_wall:.0f} s wall / {train_cpu:.0f} s CPU, "
+    print(f"{name}: {json.dumps(summary)}; train {train_wall:.0f} s wall / {train_cpu or float('nan'):.0f} s CPU, "
           f"load {l0:.1f}->{l1:.1f}", flush=True)
     return record
 
@@ -224,7 +228,7 @@ def cmd_report(args) -> None:
         seeds = {int(s): paired_ci(diffs[s].tolist()) for s in per_seed.columns}
         summaries = [json.loads(p.read_text()) for p in sorted((out / "runs").glob(f"hard-{task.split('/')[-1]}-*/summary.json"))]
         minutes = [s["train_wall_s"] / 60 for s in summaries]
-        cpu_minutes = [s["train_cpu_s"] / 60 for s in summaries]
+        cpu_minutes = [s["train_cpu_s"] / 60 if s["train_cpu_s"] is not None else float("nan") for s in summaries]
         rows.append({"task": task, "problems": len(before), "seeds": sorted(int(s) for s in per_seed.columns),
                      "before": before.mean(), "after": per_seed.mean().mean(), "after_per_seed": per_seed.mean().to_dict(),
                      "difference": mean, "ci95": [low, high], "per_seed_ci95": seeds,
@@ -275,6 +279,7 @@ def main(argv=None):
     parser.add_argument("--sft-steps", type=int, default=400)
     parser.add_argument("--sft-lr", type=float, default=1e-3)
     parser.add_argument("--trace-only", action="store_true", help="the control: direct_fraction 0")
+    parser.add_argument("--eval-only", action="store_true", help="grpo: evaluate a finished run without training")
     parser.add_argument("--default", action="store_true", help="base: measure the default base itself")
     parser.add_argument("--task", default="cpu/chain_sum")
     parser.add_argument("--seed", type=int, default=0)
