@@ -17,9 +17,9 @@ from .mixture import MIXERS
 from .runs import check_choice, check_int  # the argument checks' one home
 
 # %% auto #0
-__all__ = ['MODES', 'FULL_CREDIT', 'MODE_LETTERS', 'GRID_COLUMNS', 'THINK_END', 'ANSWER_OPEN', 'pass_at_k', 'problem_id',
-           'resolve_answer_format', 'sample_records', 'summarise_samples', 'evaluate', 'setting_name', 'inference_grid',
-           'grid_columns', 'answer_context', 'answer_nll', 'ood_scores']
+__all__ = ['MODES', 'FULL_CREDIT', 'MODE_LETTERS', 'GRID_COLUMNS', 'THINK_END', 'ANSWER_OPEN', 'ANSWER_OPENINGS', 'pass_at_k',
+           'problem_id', 'resolve_answer_format', 'sample_records', 'summarise_samples', 'evaluate', 'setting_name',
+           'inference_grid', 'grid_columns', 'answer_context', 'answer_nll', 'ood_scores']
 
 # %% ../nbs/06_evaluate.ipynb #a4988b5a
 def pass_at_k(n, c, k: int):
@@ -244,19 +244,23 @@ def _answer_nll_batch(lm, ids: torch.Tensor, attention: torch.Tensor, scored: to
 THINK_END, ANSWER_OPEN = "</think>", "<answer>"
 
 
-def answer_context(row: dict, context: str = "prompt") -> str:
-    "The text the gold answer is scored after: the prompt (or prompt + gold trace) and a forced `</think><answer>`."
+ANSWER_OPENINGS = {"motg": THINK_END + ANSWER_OPEN, "soft_tokens": " The final answer is: \\boxed{"}
+
+
+def answer_context(row: dict, context: str = "prompt", answer_format: str = "motg") -> str:
+    "The text the gold answer is scored after: the prompt (or prompt + gold trace) and the format's forced opening."
     check_choice("context", context, ("prompt", "trace"))
+    opening = ANSWER_OPENINGS[check_choice("answer_format", answer_format, tuple(ANSWER_OPENINGS))]
     if context == "trace":
         if not row.get("trace"):
             raise ValueError("context: 'trace' needs rows with a gold reasoning 'trace'")
-        return row["prompt"] + row["trace"] + THINK_END + ANSWER_OPEN
-    return row["prompt"] + THINK_END + ANSWER_OPEN
+        return row["prompt"] + row["trace"] + opening
+    return row["prompt"] + opening
 
 
 @torch.no_grad()
 def answer_nll(model, tokenizer, rows, *, context: str = "prompt", batch_size: int = 32,
-               reduction: str = "mean", chunk: int = 1024) -> float | list[float]:
+               reduction: str = "mean", chunk: int = 1024, answer_format: str | None = None) -> float | list[float]:
     "Per-token NLL (nats) of each row's gold answer after its `answer_context`; the mean over rows, or one per row."
     from motg.rollout import resolve_model
     check_choice("context", context, ("prompt", "trace"))
@@ -264,6 +268,7 @@ def answer_nll(model, tokenizer, rows, *, context: str = "prompt", batch_size: i
     batch_size = check_int("batch_size", batch_size, 1)
     chunk = check_int("chunk", chunk, 1)
     rows = _as_rows(rows)
+    answer_format = resolve_answer_format(rows, answer_format=answer_format)  # given, or the rows' template
     lm = resolve_model(model)[1].model  # the plain causal LM: answers are ordinary tokens
     device = _device(lm)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -272,7 +277,7 @@ def answer_nll(model, tokenizer, rows, *, context: str = "prompt", batch_size: i
         target = encode(str(row["answer"])) if row["answer"] is not None else []
         if not target:
             raise ValueError(f"rows: a row has an empty gold answer ({row['answer']!r}); its NLL is undefined")
-        pairs.append((encode(answer_context(row, context)), target))
+        pairs.append((encode(answer_context(row, context, answer_format)), target))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     nlls = []
     for start in range(0, len(pairs), batch_size):
@@ -309,7 +314,8 @@ def ood_scores(model, tokenizer, tasks: Sequence[str] | dict[str, Any], *, split
         metrics = evaluate(model, tokenizer, rows, mode, n_samples=0, greedy=True, ks=(), seed=seed,
                            max_new_tokens=max_new_tokens, batch_size=batch_size, **evaluate_kwargs)
         overall = {r["metric"]: r["value"] for r in metrics if r["task"] == "all"}
-        nll = answer_nll(model, tokenizer, rows, context=context, batch_size=batch_size)
+        nll = answer_nll(model, tokenizer, rows, context=context, batch_size=batch_size,
+                         answer_format=evaluate_kwargs.get("answer_format"))
         base = {**(labels or {}), "task": name, "n_problems": len(rows)}
         records += [{**base, "metric": "accuracy", "value": overall["pass@1"]},
                     {**base, "metric": "score", "value": overall["score"]},

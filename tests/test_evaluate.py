@@ -294,3 +294,16 @@ def test_the_answer_format_follows_the_prompt_style_or_the_rows_prompts(monkeypa
     assert len(calls) == 2 and all(c["think_end_text"] == "The final answer is:" and c["answer_prefix"] == " \\boxed{"
                                    and c["max_think_tokens"] == 3 for c in calls)
     assert {r["metric"] for r in records} >= {"pass@1", "pass@2"}
+
+
+def test_ood_scores_of_soft_tokens_rows_score_the_answer_after_the_box(tiny):
+    "Rows in Soft Tokens' template: the NLL context ends with ' The final answer is: \\boxed{', not '</think><answer>'."
+    from motg.tasks import format_prompt
+    model, tokenizer = tiny
+    rows = [{"task": "gsm8k", "question": f"{i} + 1?", "answer": str(i + 1), "entry": "{}",
+             "prompt": format_prompt(f"{i} + 1?", "soft_tokens")} for i in range(2)]
+    ood = ood_scores(model, tokenizer, {"gsm8k": rows}, max_new_tokens=72)
+    nll = next(r["value"] for r in ood if r["metric"] == "answer_nll")
+    assert nll == pytest.approx(answer_nll(model, tokenizer, rows, answer_format="soft_tokens"))
+    assert nll != pytest.approx(answer_nll(model, tokenizer, rows, answer_format="motg"))
+    assert answer_context(rows[0], answer_format="soft_tokens").endswith("Assistant: The final answer is: \\boxed{")
