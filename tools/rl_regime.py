@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 OUT = ROOT / "results" / "learning" / "does-grpo-learn-from-a-mixed-direct-trace-base"
-TASKS = ["cpu/chain_sum", "cpu/letter_counting"]
+TASKS = ["cpu/chain_sum", "cpu/basic_arithmetic"]  # motg.base.MIXED_START_DEFAULTS["tasks"]: tiny-1m-mixed
 PROBLEM_COLUMNS = ["run", "train_task", "train_mixer", "seed", "when", "inference", "decoding", "problem", "sample",
                    "correct"]
 
