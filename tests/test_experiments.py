@@ -33,6 +33,17 @@ def test_train_notebook_smoke(tmp_path, task):
     assert (out_dir / "entropy.csv").exists() and (out_dir / "diversity.csv").exists()
 
 
+def test_train_notebook_takes_the_final_evaluations_problems_seed_and_mixer_parameters(tmp_path):
+    """eval_problems, eval_seed and eval_mixer_params (a profile's keys) pass train.ipynb's name check and reach
+    problems.csv: that many distinct held-out problems, more than eval_size."""
+    import pandas as pd
+    out_dir = run_train(tmp_path, steps=1, eval_steps=0, eval_size=2, eval_problems=5, eval_seed=3,
+                        eval_samples=0, analysis_prompts=0, eval_mixer_params={"hard": {"temperature": 0.9}})
+    problems = pd.read_csv(out_dir / "problems.csv", dtype={"problem": str})
+    assert problems["problem"].nunique() == 5 and set(problems["when"]) == {"before", "after"}
+    assert (out_dir / "eval.json").exists()
+
+
 def test_train_notebook_rejects_a_bad_parameter_before_any_work(tmp_path):
     with pytest.raises(pm.PapermillExecutionError) as error:
         run_train(tmp_path, mixer="nope")
