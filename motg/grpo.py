@@ -125,7 +125,7 @@ def grpo_loss(logps: Tensor, old_logps: Tensor | None, ref_logps: Tensor | None,
             metrics["kl"] = masked_mean(kl, mask)
     return loss, metrics
 
-# %% ../nbs/05_grpo.ipynb #0d4a65d4
+# %% ../nbs/05_grpo.ipynb #dea34027
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 DEVICES = ("cpu", "cuda", "auto")
@@ -134,10 +134,10 @@ LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 LORA_DEFAULTS = dict(lora_r=16, lora_alpha=32, lora_dropout=0.05, lora_target_modules=None)  # TRL's ModelConfig
 
 
+# %% ../nbs/05_grpo.ipynb #541447ad
 @dataclass
-class TrainConfig:
-    "One GRPO/RLOO run: what to train, the recipe, evaluation and checkpoints (names follow TRL's `GRPOConfig`)."
-    # what to train
+class _WhatToTrain:
+    "TrainConfig's fields: what to train."
     task: str = "cpu/chain_sum"  # a task, suite member ("cpu/chain_sum": the CPU-suite settings) or mix (load_task)
     model: str = "tiny-1m-warm"  # a motg.base.load_model spec (its DEFAULT_MODEL; a preset, "<preset>-warm", a folder)
     data_files: dict | str | list | None = None  # a math data set's local files, e.g. {"train": ..., "test": ...} (load_task)
@@ -148,14 +148,24 @@ class TrainConfig:
     reward_scheme: str = "default"  # a scheme of motg.tasks.reward (default, correctness, motg, soft_tokens, ...)
     train_size: int = 1000  # training problems; prompts are taken in order, wrapping around
     eval_size: int = 100  # held-out test problems
-    # rollouts
+
+
+# %% ../nbs/05_grpo.ipynb #2ccd9caa
+@dataclass
+class _Rollouts:
+    "TrainConfig's fields: rollouts."
     prompts_per_step: int = 4  # distinct prompts per step, over all processes
     num_generations: int = 8  # completions per prompt (G)
     max_completion_length: int = 128  # new tokens per completion (thinking + answer)
     max_think_tokens: int | None = None  # cap on the thinking phase (None: the rollout's default)
     answer_temperature: float = 1.0  # sampling temperature of the answer phase
     generation_batch_size: int | None = None  # sequences per generate call (None: all of a process's, in one call)
-    # advantages and loss
+
+
+# %% ../nbs/05_grpo.ipynb #30752b1a
+@dataclass
+class _AdvantagesAndLoss:
+    "TrainConfig's fields: advantages and loss."
     advantage: str = "grpo"  # grpo | dr_grpo | rloo
     scale_rewards: str | None = None  # group | batch | none; None: the advantage kind's own default
     loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo | sequence_sum (TRL's default is dapo)
@@ -164,7 +174,12 @@ class TrainConfig:
     epsilon_high: float | None = None  # None: epsilon
     num_iterations: int = 1  # optimizer updates per rollout batch (μ); 1 is fully on-policy
     use_bias_correction_kl: bool = False  # weight the KL term by the ratio (TRL 1.16's default is True)
-    # optimisation
+
+
+# %% ../nbs/05_grpo.ipynb #34551320
+@dataclass
+class _Optimisation:
+    "TrainConfig's fields: optimisation."
     steps: int = 100  # rollout batches
     learning_rate: float = 1e-4
     optimizer: str = "adamw"  # adamw | sgd (plain SGD, no momentum: MoT-G's paper-era code)
@@ -177,7 +192,12 @@ class TrainConfig:
     warmup_steps: int = 0  # warm-up updates; overrides warmup_ratio when > 0 (as in transformers)
     max_grad_norm: float | None = 1.0  # gradient clipping (None: no clipping; the norm is still logged)
     gradient_accumulation_steps: int = 1  # backward micro-batches per process per update
-    # memory and precision
+
+
+# %% ../nbs/05_grpo.ipynb #87491b8c
+@dataclass
+class _MemoryAndPrecision:
+    "TrainConfig's fields: memory and precision."
     mixed_precision: str = "auto"  # no | bf16 | auto; weights and optimizer state are fp32 either way
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass
     use_peft: bool = False  # train LoRA adapters (peft); the KL reference is then the base with adapters disabled
@@ -185,7 +205,12 @@ class TrainConfig:
     lora_alpha: int = 32  # LoRA scale numerator (the update is scaled by lora_alpha / lora_r)
     lora_dropout: float = 0.05
     lora_target_modules: list[str] | str | None = None  # None: peft's default for the architecture; "all-linear"
-    # evaluation, logging, checkpoints
+
+
+# %% ../nbs/05_grpo.ipynb #46a196c4
+@dataclass
+class _Bookkeeping:
+    "TrainConfig's fields: evaluation, logging, checkpoints."
     eval_steps: int = 50  # evaluate every this many steps (0: only before and after training)
     eval_greedy: bool = True  # greedy accuracy (greedy thinking in the mixer's scheme, greedy answer)
     eval_num_samples: int = 0  # sampled accuracy: completions per test problem (0: none)
@@ -196,6 +221,12 @@ class TrainConfig:
     device: str = "cpu"  # cpu | cuda | auto
     progress: bool = True  # a tqdm bar with live reward and accuracy
     log_entropy: bool = False  # log the next-token entropy of the rollouts (keeps hidden states: ~10-30% slower rollouts)
+
+
+# %% ../nbs/05_grpo.ipynb #13c72483
+@dataclass
+class TrainConfig(_Bookkeeping, _MemoryAndPrecision, _Optimisation, _AdvantagesAndLoss, _Rollouts, _WhatToTrain):
+    "One GRPO/RLOO run: what to train, the recipe, evaluation and checkpoints (names follow TRL's `GRPOConfig`)."
 
     def __post_init__(self):
         self.validate()
@@ -221,6 +252,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{unknown[0]}: not a field of TrainConfig; allowed: {[f.name for f in fields(cls)]}")
         return cls(**{**PRESETS[preset], **overrides})
+
 
 # %% ../nbs/05_grpo.ipynb #e8ed322b
 def _check_what(config: TrainConfig) -> None:
