@@ -25,9 +25,10 @@ from .runs import (check_int, check_str_list, config_hash, project_root, provena
 
 # %% auto #0
 __all__ = ['EVAL_MODES', 'EVAL_SEED', 'profile_path', 'load_profile', 'run_name', 'RunSpec', 'expand_sweep', 'RunFailed',
-           'run_train_notebook', 'check_train_parameters', 'eval_seed', 'held_out_rows', 'evaluation_settings',
-           'decode_problems', 'analyse_rollouts', 'base_problems', 'evaluate_run', 'finish_run', 'recorded_base_model',
-           'current_base_model', 'set_aside', 'default_jobs', 'run_sweep', 'collect_runs']
+           'run_train_notebook', 'check_evaluation_parameters', 'check_train_parameters', 'eval_seed', 'held_out_rows',
+           'evaluation_settings', 'evaluation_decoding', 'decode_problems', 'analyse_rollouts', 'base_problems',
+           'evaluate_run', 'finish_run', 'recorded_base_model', 'current_base_model', 'set_aside', 'default_jobs',
+           'run_sweep', 'collect_runs']
 
 # %% ../nbs/08_experiment.ipynb #4cb533ff
 def profile_path(name: str) -> Path:
@@ -134,44 +135,56 @@ def run_train_notebook(params: dict, run_dir: Path | str, notebook: Path | str |
 EVAL_MODES = tuple(MIXERS)  # every registered mixer (motg.mixture.MIXERS) is an inference mode
 
 
-def _as_parameter(parameter: str, check: Callable, *args):
-    "Run `check(*args)`; a ValueError it raises is re-raised under the notebook's own parameter name."
+def _as_parameter(parameter: str, check: Callable, *args, keep: tuple[str, ...] = (), **kwargs):
+    "Run `check(*args, **kwargs)`; its ValueError is re-raised under the notebook's parameter (or one in `keep`)."
     try:
-        return check(*args)
+        return check(*args, **kwargs)
     except ValueError as error:
         head, _, rest = str(error).partition(": ")
+        if head in keep:
+            raise
         raise ValueError(f"{parameter}: {rest if head.isidentifier() and rest else error}") from None
 
-# %% ../nbs/08_experiment.ipynb #5441fdb0
-def check_train_parameters(params: dict):
-    "Validate train.ipynb's parameters; return `(TrainConfig, run_dir)` or raise a ValueError naming the parameter."
-    from motg.grpo import TrainConfig
+# %% ../nbs/08_experiment.ipynb #9b7ccf5c
+def check_evaluation_parameters(params: dict, data_files=None):
+    "Validate the final evaluation's parameters of train.ipynb (the task's and out-of-domain tasks' data too)."
     from motg.tasks import load_task
     if not isinstance(params.get("task"), str) or not params["task"]:
         raise ValueError(f"task: must be a task name, suite or mix string, got {params.get('task')!r}")
-    _as_parameter("task", load_task, params["task"], "test", 1, 0)  # an unknown task fails here; costs one item
-    for name in check_str_list("ood_tasks", params["ood_tasks"]):
-        _as_parameter("ood_tasks", load_task, name, "test", 1, 0)
+    # an unknown task, or local files it cannot read, fails here; costs one item
+    _as_parameter("task", load_task, params["task"], "test", 1, 0, data_files=data_files, keep=("data_files",))
+    ood_tasks = check_str_list("ood_tasks", params["ood_tasks"])
+    ood_files = params.get("ood_data_files") or {}  # optional: parameter sets written before it existed lack it
+    if not isinstance(ood_files, dict) or not set(ood_files) <= set(ood_tasks):
+        raise ValueError(f"ood_data_files: must map tasks of ood_tasks {ood_tasks} to their local files, "
+                         f"got {ood_files!r}")
+    for name in ood_tasks:
+        _as_parameter("ood_data_files" if name in ood_files else "ood_tasks", load_task, name, "test", 1, 0,
+                      data_files=ood_files.get(name))
     for mode in check_str_list("eval_modes", params["eval_modes"]):
         if mode not in EVAL_MODES:
             raise ValueError(f"eval_modes: unknown inference mode {mode!r}; allowed: {list(EVAL_MODES)}")
     for name in ["eval_samples", "analysis_prompts"]:
         check_int(name, params[name])
-    for name in ["eval_problems", "eval_seed"]:  # optional: parameter sets written before they existed lack them
-        if params.get(name) is not None:
-            check_int(name, params[name], 1 if name == "eval_problems" else 0)
+    for name, least in [("eval_problems", 1), ("eval_seed", 0), ("eval_max_think_tokens", 0)]:
+        if params.get(name) is not None:  # optional, as ood_data_files
+            check_int(name, params[name], least)
     eval_mixer_params = params.get("eval_mixer_params") or {}
     if not isinstance(eval_mixer_params, dict) or not set(eval_mixer_params) <= set(EVAL_MODES):
         raise ValueError(f"eval_mixer_params: must map inference modes {list(EVAL_MODES)} to mixer parameters, "
                          f"got {eval_mixer_params!r}")
     check_int("ood_size", params["ood_size"], 1)
-    if params.get("num_threads") is not None:
-        check_int("num_threads", params["num_threads"], 1)
     ks = params["eval_ks"]
     if not isinstance(ks, (list, tuple)) or not ks or not all(isinstance(k, int) and k >= 1 for k in ks):
         raise ValueError(f"eval_ks: must be a non-empty list of integers >= 1, got {ks!r}")
     if params["eval_samples"] and max(ks) > params["eval_samples"]:
         raise ValueError(f"eval_ks: pass@{max(ks)} needs eval_samples >= {max(ks)}, got {params['eval_samples']}")
+
+
+# %% ../nbs/08_experiment.ipynb #5441fdb0
+def check_train_parameters(params: dict):
+    "Validate train.ipynb's parameters; return `(TrainConfig, run_dir)` or raise a ValueError naming the parameter."
+    from motg.grpo import TrainConfig
     if not isinstance(params.get("train_overrides"), dict):
         raise ValueError(f"train_overrides: must be a dict of TrainConfig fields, got {params.get('train_overrides')!r}")
     overrides = {name: params[name] for name in ["task", "mixer", "mixer_params", "model", "steps",
@@ -181,6 +194,11 @@ def check_train_parameters(params: dict):
     if params.get("prompt_style") is not None:  # absent from parameter sets written before it existed: "auto"
         overrides["prompt_style"] = params["prompt_style"]
     overrides |= params["train_overrides"]
+    if params.get("data_files") is not None:  # train.ipynb's parameter; it fills TrainConfig.data_files
+        overrides["data_files"] = params["data_files"]
+    check_evaluation_parameters(params, overrides.get("data_files"))
+    if params.get("num_threads") is not None:
+        check_int("num_threads", params["num_threads"], 1)
     config = TrainConfig.from_preset(params["preset"], **overrides)  # raises naming a bad field or preset
     from motg.base import check_model_spec
     from motg.grpo import model_prompt_style
@@ -210,7 +228,8 @@ def held_out_rows(config, params: dict, tokenizer) -> list[dict]:
     size = params.get("eval_problems") or config.eval_size
     seed = eval_seed(params)
     # the prompts of training (motg.grpo.train re-prompts its rows the same way)
-    return with_prompts(list(load_task(config.task, "test", size, seed)), config.prompt_style, tokenizer)
+    rows = load_task(config.task, "test", size, seed, data_files=config.data_files)  # a math task's local files
+    return with_prompts(list(rows), config.prompt_style, tokenizer)
 
 
 def evaluation_settings(config, params: dict, E_base) -> dict[str, dict]:
@@ -226,6 +245,18 @@ def evaluation_settings(config, params: dict, E_base) -> dict[str, dict]:
             mixer_params["sigma"] = mixer.noise_std(E_base)  # fixed by the base model, never the trained E
     return settings
 
+# %% ../nbs/08_experiment.ipynb #12d41c9f
+def evaluation_decoding(config, params: dict) -> dict:
+    "The final evaluation's answer decoding and token limits: `eval_max_think_tokens` of thinking, the answer's room."
+    budget = params.get("eval_max_think_tokens")
+    limits = dict(max_new_tokens=config.max_completion_length, max_think_tokens=config.max_think_tokens)
+    if budget is not None and budget != config.max_think_tokens:
+        room = config.max_completion_length - (config.max_think_tokens or 0)  # the answer's tokens after thinking
+        limits = dict(max_new_tokens=budget + room, max_think_tokens=budget)
+    # Soft Tokens' test protocol: the answer is always greedy (papers/soft_tokens.md §3); else sampled, as in training
+    return dict(answer="greedy" if config.prompt_style == "soft_tokens" else "sample", **limits)
+
+
 # %% ../nbs/08_experiment.ipynb #d37f53bb
 def decode_problems(model, tokenizer, rows: list[dict], settings: dict[str, dict], config, params: dict,
                     labels: dict) -> tuple[list[dict], dict[str, list[dict]]]:
@@ -233,9 +264,8 @@ def decode_problems(model, tokenizer, rows: list[dict], settings: dict[str, dict
     from motg.evaluate import sample_records
     from motg.grpo import stable_seed
     seed = eval_seed(params)
-    decode = dict(max_new_tokens=config.max_completion_length, max_think_tokens=config.max_think_tokens,
-                  batch_size=config.eval_batch_size, answer_temperature=config.answer_temperature,
-                  answer="sample")  # sampled thinking, sampled answer: as the training loop's evaluation decodes
+    decode = dict(batch_size=config.eval_batch_size, answer_temperature=config.answer_temperature,
+                  **evaluation_decoding(config, params))  # the answer sampled as in training (Soft Tokens: greedy)
     problems, samples = [], {}
     for mode, mixer_params in settings.items():
         samples[mode] = sample_records(model, tokenizer, rows, mode, greedy=True, seed=stable_seed(seed, mode),
@@ -254,7 +284,7 @@ def analyse_rollouts(model, tokenizer, rows: list[dict], config, mixer_params: d
     import pandas as pd
     import torch
     from motg.analysis import diversity_records, step_frame
-    from motg.grpo import stable_seed
+    from motg.grpo import run_generation_options, stable_seed
     from motg.mixture import make_mixer
     from motg.rollout import generate
     G, device = config.num_generations, next(model.parameters()).device
@@ -263,8 +293,9 @@ def analyse_rollouts(model, tokenizer, rows: list[dict], config, mixer_params: d
     # the run's own mixer, then like-for-like text: every trained model sampled by hard tokens at temperature 1
     for text, mixer in [("own", make_mixer(config.mixer, **mixer_params)), ("common", make_mixer("hard"))]:
         generator = torch.Generator(device=device).manual_seed(stable_seed(config.seed, "analysis", text))
-        rollout = generate(model, tokenizer, prompts, mixer, config.max_completion_length, generator,
-                           max_think_tokens=config.max_think_tokens, keep_hidden=True)
+        # the run's answer format, as in training: Soft Tokens' thinking stops at "The final answer is:"
+        rollout = generate(model, tokenizer, prompts, mixer, generator=generator, keep_hidden=True,
+                           **run_generation_options(config, tokenizer))
         if text == "own":
             frames.append(step_frame(rollout, group_size=G, model=model, labels=labels))
             with open(run_dir / "samples.jsonl", "w") as f:
@@ -294,11 +325,12 @@ def base_problems(base_model, tokenizer, rows: list[dict], settings: dict[str, d
     import pandas as pd
     problems = []
     for mode, mixer_params in settings.items():
+        decoding = evaluation_decoding(config, params)
+        answer = {"answer": "greedy"} if decoding.pop("answer") == "greedy" else {}  # keeps older keys valid
         key = config_hash({"base": _base_fingerprint(config.model), "prompts": [r["prompt"] for r in rows],
                            "mode": mode, "mixer_params": mixer_params, "eval_samples": params["eval_samples"],
-                           "eval_seed": eval_seed(params), "max_new_tokens": config.max_completion_length,
-                           "max_think_tokens": config.max_think_tokens, "batch": config.eval_batch_size,
-                           "answer_temperature": config.answer_temperature}, length=16)
+                           "eval_seed": eval_seed(params), **decoding, "batch": config.eval_batch_size,
+                           "answer_temperature": config.answer_temperature, **answer}, length=16)
         path = cache_dir / f"{key}.csv"
         if path.exists():
             problems += [{**labels, **row} for row in pd.read_csv(path, dtype={"problem": str}).to_dict("records")]
@@ -318,6 +350,7 @@ def evaluate_run(config, run_dir: Path | str, params: dict) -> dict:
     from motg.analysis import PROBLEM_COLUMNS
     from motg.base import load_model
     from motg.evaluate import ood_scores, setting_name, summarise_samples
+    from motg.tasks import load_task
     run_dir = Path(run_dir)
     model, tokenizer = load_model(str(run_dir / "model"), device=config.device)
     base_model, _ = load_model(config.model, device=config.device)
@@ -335,11 +368,13 @@ def evaluate_run(config, run_dir: Path | str, params: dict) -> dict:
             setting = setting_name(mode, r["decoding"], r["k"]) if inference == "grid" and r["k"] else None
             records.append({**r, "setting": setting})
     pd.DataFrame(problems)[list(PROBLEM_COLUMNS)].to_csv(run_dir / "problems.csv", index=False)
-    ood = []
-    for when, m in ([("before", base_model), ("after", model)] if params["ood_tasks"] else []):
-        ood += ood_scores(m, tokenizer, params["ood_tasks"], size=params["ood_size"], seed=eval_seed(params),
-                          max_new_tokens=config.max_completion_length, labels={**labels, "when": when},
-                          prompt_style=config.prompt_style)
+    ood, files = [], params.get("ood_data_files") or {}  # a math task's local files
+    ood_rows = {name: load_task(name, "test", params["ood_size"], eval_seed(params), data_files=files.get(name))
+                for name in params["ood_tasks"]}
+    limits = {k: v for k, v in evaluation_decoding(config, params).items() if k != "answer"}  # ood: greedy answers
+    for when, m in ([("before", base_model), ("after", model)] if ood_rows else []):
+        ood += ood_scores(m, tokenizer, ood_rows, seed=eval_seed(params), labels={**labels, "when": when},
+                          prompt_style=config.prompt_style, **limits)
     if params["analysis_prompts"]:
         analyse_rollouts(model, tokenizer, rows, config, settings[config.mixer], labels, run_dir,
                          params["analysis_prompts"])

@@ -3,15 +3,14 @@
 Each paper model is swapped for a random stand-in of its architecture and vocabulary (motg.testing, scaled to
 2 layers x 96), saved as a local model folder; the math data sets are tiny JSONL files in the hub's layout written
 here; every size is scaled down (one step, two prompts, two problems). The test writes the derived profile the
-way a user would (`model:` a folder, `train_overrides.data_files`) and runs its runs with the experiment layer's
-own functions, in process: check_train_parameters, motg.grpo.train, evaluate_run."""
+way a user would (`model:` a folder, `train_overrides.data_files`, `ood_data_files`) and runs its runs with the
+experiment layer's own functions, in process: check_train_parameters, motg.grpo.train, evaluate_run."""
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-import motg.tasks
 from motg.experiment import check_train_parameters, evaluate_run, expand_sweep, load_profile
 from motg.grpo import PRESETS, train
 from motg.testing import STAND_INS, save_stand_in
@@ -46,19 +45,9 @@ def stand_ins(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture
-def local_math(tmp_path, monkeypatch) -> dict:
-    """The math files; and load_task reads them for a math task named without data_files. The experiment layer
-    (check_train_parameters, held_out_rows, ood_scores) does not pass a run's data_files to load_task yet; the
-    training loop does (TrainConfig.data_files), and this stands in for the rest."""
-    files = write_math_files(tmp_path / "data")
-    real = motg.tasks.load_task
-
-    def load_task(name, split, size, seed, data_files=None, **difficulty):
-        if data_files is None and isinstance(name, str) and name in files:
-            data_files = files[name]
-        return real(name, split, size, seed, data_files=data_files, **difficulty)
-    monkeypatch.setattr(motg.tasks, "load_task", load_task)
-    return files
+def local_math(tmp_path) -> dict:
+    "The math files, {task: {split: path}}: the runs read them through data_files and ood_data_files."
+    return write_math_files(tmp_path / "data")
 
 
 def scaled_down(profile: dict, experiment: str, mixers: list[str], stand_ins: dict, files: dict) -> dict:
@@ -68,12 +57,15 @@ def scaled_down(profile: dict, experiment: str, mixers: list[str], stand_ins: di
     overrides = dict(defaults["train_overrides"], device="cpu", progress=False, eval_batch_size=8)
     if defaults["task"] in files:
         overrides["data_files"] = files[defaults["task"]]
+    ood_files = {task: files[task] for task in defaults["ood_tasks"] if task in files}
     if overrides.get("gradient_accumulation_steps", 1) > 1:
         overrides["gradient_accumulation_steps"] = 2  # of 2 prompts x 2 completions
     small = dict(model=stand_ins[defaults["model"]], steps=1, num_generations=2, prompts_per_step=2, train_size=4,
                  eval_size=2, eval_steps=0, eval_samples=2, eval_ks=[1, 2], ood_size=2, analysis_prompts=1,
                  max_completion_length=72 if defaults["prompt_style"] == "soft_tokens" else 12,
-                 max_think_tokens=3 if defaults["max_think_tokens"] else None, train_overrides=overrides)
+                 max_think_tokens=3 if defaults["max_think_tokens"] else None, train_overrides=overrides,
+                 **({"eval_max_think_tokens": 4} if defaults.get("eval_max_think_tokens") else {}),
+                 **({"ood_data_files": ood_files} if ood_files else {}))
     grid = {key: (mixers if key == "mixer" else values[:1]) for key, values in spec["grid"].items()}
     return {"name": profile["name"] + "-scaled", "defaults": {**defaults, **small}, "experiments": {experiment: {"grid": grid}}}
 
@@ -137,6 +129,8 @@ def test_the_soft_tokens_profile_runs_end_to_end_on_stand_ins(tmp_path, stand_in
         assert {"HG", "HS", "HS2", "FG", "FS", "FS2", "SG", "SS", "SS2"} <= settings  # the T2 grid, pass@1 and @2
         samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
         assert samples and all(s["prompt"].startswith("A conversation between User and Assistant.") for s in samples)
+        # the analysis decodes in the run's answer format: thinking stops (budget: 3 tokens), the answer is prefilled
+        assert all("The final answer is: \\boxed{" in s["completion"] for s in samples)
         ood = {(r["task"], r["metric"]) for r in evaluation["ood"]}
         assert ood == {(task, metric) for task in config_ood(config) for metric in ("accuracy", "score", "answer_nll")}
 
