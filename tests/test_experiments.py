@@ -109,6 +109,29 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}
                  "{% if not loop.last %}<|end|>\n{% endif %}{% endfor %}")  # every character is in the tiny vocabulary
 
 
+def test_reproduce_notebook_builds_a_t2_table_per_experiment_and_model(tmp_path):
+    """`T2-<name>` experiments are T2 tables too, one per (model, data set) pair, named and labelled by model."""
+    import pandas as pd
+    small = {**SMOKE, "steps": 1, "eval_steps": 0, "eval_modes": ["hard"], "analysis_prompts": 0}
+    grid = {"task": ["cpu/chain_sum"], "mixer": ["hard"], "seed": [0]}
+    profile = {"name": "two-models", "defaults": small,
+               "experiments": {"T2": {"grid": grid}, "T2-tiny-1m": {"set": {"model": "tiny-1m"}, "grid": grid}}}
+    (tmp_path / "two-models.yaml").write_text(yaml.safe_dump(profile))
+    pm.execute_notebook(str(NBS / "reproduce.ipynb"), str(tmp_path / "reproduce.ipynb"), cwd=str(NBS),
+                        parameters={"profile": str(tmp_path / "two-models.yaml"),
+                                    "results_dir": str(tmp_path / "results"), "jobs": 2, "threads": 1},
+                        progress_bar=False)
+    manifest = json.loads((tmp_path / "results" / "manifest.json").read_text())
+    tables = {item["id"]: item for item in manifest["items"] if item["kind"] == "table"}
+    assert set(tables) == {"T2", "T2-tiny-1m"}
+    assert Path(tables["T2"]["file"]).name == "T2_grid_tiny-test_cpu_chain_sum.md"
+    assert Path(tables["T2-tiny-1m"]["file"]).name == "T2-tiny-1m_grid_tiny-1m_cpu_chain_sum.md"
+    assert "tiny-1m trained on cpu/chain_sum" in tables["T2-tiny-1m"]["caption"]
+    assert len(tables["T2-tiny-1m"]["runs"]) == 1
+    data = pd.read_csv(tmp_path / "results" / "tables" / "T2-tiny-1m_grid_tiny-1m_cpu_chain_sum.csv")
+    assert set(data["model"]) == {"tiny-1m"} and {"HG", "HS"} <= set(data["column"])
+
+
 def test_check_train_parameters_resolves_and_checks_the_prompt_style(tmp_path):
     from motg.experiment import check_train_parameters
     from motg.testing import tiny_lm
