@@ -24,11 +24,11 @@ from .runs import (check_int, check_str_list, config_hash, project_root, provena
     run_is_complete, write_json)
 
 # %% auto #0
-__all__ = ['EVAL_MODES', 'EVAL_SEED', 'profile_path', 'load_profile', 'run_name', 'RunSpec', 'expand_sweep', 'RunFailed',
-           'run_train_notebook', 'check_evaluation_parameters', 'check_train_parameters', 'eval_seed', 'held_out_rows',
-           'evaluation_settings', 'evaluation_decoding', 'decode_problems', 'analyse_rollouts', 'base_problems',
-           'evaluate_run', 'finish_run', 'recorded_base_model', 'current_base_model', 'set_aside', 'default_jobs',
-           'run_sweep', 'collect_runs']
+__all__ = ['EVAL_MODES', 'EVAL_SEED', 'profile_path', 'load_profile', 'run_name', 'RunSpec', 'mixer_settings', 'expand_sweep',
+           'RunFailed', 'run_train_notebook', 'check_evaluation_parameters', 'check_train_parameters', 'eval_seed',
+           'held_out_rows', 'evaluation_settings', 'evaluation_decoding', 'decode_problems', 'analyse_rollouts',
+           'base_problems', 'evaluate_run', 'finish_run', 'recorded_base_model', 'current_base_model', 'set_aside',
+           'default_jobs', 'run_sweep', 'collect_runs']
 
 # %% ../nbs/08_experiment.ipynb #4cb533ff
 def profile_path(name: str) -> Path:
@@ -69,14 +69,27 @@ class RunSpec:
     experiments: list[str] = field(default_factory=list)
 
 
+def mixer_settings(profile: dict) -> dict[str, dict]:
+    "A profile's per-mixer overrides of its `defaults` (`mixer_settings: {soft: {preset: soft_tokens, ...}}`), checked."
+    from motg.mixture import MIXERS
+    from motg.runs import check_choice
+    settings = profile.get("mixer_settings") or {}
+    if not isinstance(settings, dict) or not all(isinstance(v, dict) for v in settings.values()):
+        raise ValueError(f"mixer_settings: must map mixer names to parameter dicts, got {settings!r}")
+    for name in settings:
+        check_choice("mixer_settings", name, MIXERS)
+    return settings
+
+
 def expand_sweep(profile: dict) -> list[RunSpec]:
-    "The distinct runs of a profile, in a stable order."
-    defaults, runs = profile.get("defaults", {}), {}
+    "The distinct runs of a profile, in a stable order: defaults < the mixer's settings < an experiment's set < its grid."
+    defaults, runs, per_mixer = profile.get("defaults", {}), {}, mixer_settings(profile)
     for experiment, spec in profile.get("experiments", {}).items():
         grid = spec.get("grid", {})
         keys = list(grid)
         for values in itertools.product(*(grid[k] for k in keys)):
-            params = {**defaults, **spec.get("set", {}), **dict(zip(keys, values))}
+            chosen = {**spec.get("set", {}), **dict(zip(keys, values))}
+            params = {**defaults, **per_mixer.get(chosen.get("mixer", defaults.get("mixer")), {}), **chosen}
             if config_hash(params) not in runs:  # the first experiment that asks for a run names it
                 name = run_name(params, ["task", "mixer"] + [k for k in keys if k not in ("task", "mixer")])
                 runs[config_hash(params)] = RunSpec(name, params)

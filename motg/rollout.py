@@ -22,7 +22,7 @@ from .mixture import Hard, Mixer, Mixture, MixtureLM, sample_categorical
 __all__ = ['THINK', 'FORCE', 'ANSWER', 'DONE', 'pad_mixture', 'token_mixture', 'cat_mixtures', 'Rollout', 'resolve_model',
            'pad_token_id', 'bos_ids', 'tokenize_prompts', 'TokenTexts', 'TextTail', 'RowPhases', 'check_generator',
            'eos_token_ids', 'check_generate_arguments', 'decode_step', 'compiled_decode_step', 'Decoder', 'draw_step',
-           'assemble_rollout', 'generate', 'sequence_logps']
+           'assemble_rollout', 'generate', 'check_logits_from_head', 'sequence_logps']
 
 # %% ../nbs/04_rollout.ipynb #017523bc
 def pad_mixture(mixture: Mixture, k: int, vector_dim: int | None = None) -> Mixture:
@@ -502,7 +502,17 @@ def _chunk_logps(hidden: Tensor, mixtures: Mixture, think_mask: Tensor, answer_m
         logps = logps.masked_scatter(think_mask, mixer.log_prob(logits[think_mask], actions, E).float())
     return logps
 
+@torch.no_grad()
+def check_logits_from_head(logits: Tensor, hidden: Tensor, lm_head: nn.Module) -> None:
+    "Raise unless `logits` are `lm_head(hidden)` (loosely: bf16 rounding passes; a soft-cap or logit scale does not)."
+    tol = 1e-4 if logits.dtype == torch.float32 else 1e-2  # the logits' own precision sets the tolerance
+    expected = logits.float()
+    if not torch.allclose(lm_head(hidden).float(), expected, rtol=tol, atol=tol * (1 + expected.abs().max().item())):
+        raise ValueError("model: its logits are not lm_head(last hidden state) (a logit scale or soft-cap?); "
+                         "sequence_logps cannot compute them per chunk")
 
+
+# %% ../nbs/04_rollout.ipynb #e841f63d
 def sequence_logps(
     model: nn.Module,  # the policy (or reference) model, as for `generate`
     rollout: Rollout,
@@ -528,13 +538,7 @@ def sequence_logps(
                use_cache=False, output_hidden_states=True, logits_to_keep=1)
     last_hidden = out.hidden_states[-1]
     lm_head = lm.model.get_output_embeddings()
-    with torch.no_grad():  # a loose check (bf16 rounding passes; a soft-cap or logit scale does not)
-        tol = 1e-4 if last_hidden.dtype == torch.float32 else 1e-2
-        expected = out.logits[:, -1].float()
-        if not torch.allclose(lm_head(last_hidden[:, -1]).float(), expected, rtol=tol,
-                              atol=tol * (1 + expected.abs().max().item())):
-            raise ValueError("model: its logits are not lm_head(last hidden state) (a logit scale or soft-cap?); "
-                             "sequence_logps cannot compute them per chunk")
+    check_logits_from_head(out.logits[:, -1], last_hidden[:, -1], lm_head)
     hidden = last_hidden[:, prompt_len - 1:prompt_len - 1 + steps]  # the state before each step
     answer_policy = Hard(rollout.answer_temperature or 1.0)
     chunks = []
