@@ -188,7 +188,9 @@ def test_readme_conda_commands_match_environment_yml_and_the_makefile():
     for line in block.splitlines():
         if line.startswith("make "):
             argv = shlex.split(line, comments=True)
-            dry = subprocess.run([make, "-n", *argv[1:]], cwd=ROOT, capture_output=True, text=True)
+            env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}  # as typed
+            dry = subprocess.run([make, "-n", "--no-print-directory", *argv[1:]], cwd=ROOT, capture_output=True,
+                                 text=True, env=env)  # (under `make test`, a child make would say "Entering ...")
             assert dry.returncode == 0, dry.stderr
             assert ".venv" not in dry.stdout, f"{line!r} would build .venv:\n{dry.stdout}"
             assert dry.stdout.startswith("python "), dry.stdout  # the active environment's Python
