@@ -20,7 +20,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -33,8 +33,8 @@ __all__ = ['SPECIAL_TOKENS', 'FORMAT_TAGS', 'DEFAULT_CHARSET', 'MODEL_PRESETS', 
            'TORCH_DTYPES', 'ATTN_IMPLEMENTATIONS', 'WARM_START_MINUTES', 'MIXED_START_MINUTES', 'MIXED_START_VERSION',
            'MIXED_START_DEFAULTS', 'build_tokenizer', 'model_config', 'build_model', 'sft_dataset', 'warm_start_data',
            'torch_threads', 'resolve_device', 'length_groups', 'length_grouped_trainer', 'sft_train',
-           'default_cache_dir', 'data_fingerprint', 'config_hash', 'warm_start', 'allowed_specs', 'hub_offline',
-           'hub_cache_dir', 'hub_snapshot', 'check_model_spec', 'smollm2_gguf', 'smollm2_folder',
+           'default_cache_dir', 'data_fingerprint', 'config_hash', 'build_model_folder', 'warm_start', 'allowed_specs',
+           'hub_offline', 'hub_cache_dir', 'hub_snapshot', 'check_model_spec', 'smollm2_gguf', 'smollm2_folder',
            'is_character_tokenizer', 'load_tokenizer', 'resolve_dtype', 'check_attn_implementation', 'model_source',
            'load_model', 'mixed_data', 'mixed_start']
 
@@ -314,6 +314,32 @@ def config_hash(config: dict) -> str:
     "A short, stable hash of a JSON-able configuration."
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
 
+# %% ../nbs/01_base.ipynb #e391aaba
+def build_model_folder(folder: Path, train: Callable[[], tuple], recipe_file: str, recipe: dict, **record) -> Path:
+    "Write `folder` whole: `train()` -> (model, tokenizer, train log), saved with its `recipe` and provenance (written last)."
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        start, cpu_start, load_start = time.time(), time.process_time(), os.getloadavg()[0]  # a shared machine:
+        # its load and our own CPU time (which other processes do not inflate) are recorded beside the wall time
+        model, tokenizer, history = train()
+        wall_time, cpu_time = time.time() - start, time.process_time() - cpu_start
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / recipe_file).write_text(json.dumps(recipe, indent=1) + "\n")
+        from motg.runs import provenance  # the project's one provenance record
+        entry = provenance(**record, wall_time_s=wall_time, train_log=history, cpu_time_s=cpu_time,
+                           load_average={"start": load_start, "end": os.getloadavg()[0]})
+        (tmp / "provenance.json").write_text(json.dumps(entry, indent=1, default=str) + "\n")  # written last
+        if folder.exists():  # force=True, or another process finished first: replace it whole
+            trash = folder.parent / f".trash-{folder.name}-{uuid.uuid4().hex[:8]}"
+            folder.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
 # %% ../nbs/01_base.ipynb #679d2029
 _D = WARM_START_DEFAULTS
 
@@ -346,34 +372,17 @@ def warm_start(preset: str = DEFAULT_PRESET, tasks: str | list[str] = _D["tasks"
     folder = cache_dir / f"{preset}-{config_hash(config)}"
     if not build or ((folder / "provenance.json").exists() and not force):
         return folder  # a cache hit (written whole, by the rename below), or only its name was asked for
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        start, cpu_start, load_start = time.time(), time.process_time(), os.getloadavg()[0]  # a shared machine:
-        # its load and our own CPU time (which other processes do not inflate) are recorded beside the wall time
+    def train():
         model = build_model(preset, tokenizer, seed=seed)
         with torch_threads(num_threads):
             history = sft_train(model, tokenizer, dataset, steps, learning_rate, batch_size, seed, warmup_ratio,
                                 weight_decay, group_by_length=group_by_length, sub_batches=sub_batches,
                                 device=device, progress=progress)
-        wall_time, cpu_time = time.time() - start, time.process_time() - cpu_start
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "warm_start.json").write_text(json.dumps(config, indent=1) + "\n")
-        from motg.runs import provenance  # the project's one provenance record
-        record = provenance(config={k: v for k, v in config.items() if k != "vocabulary"}, seeds={"seed": seed},
-                            wall_time_s=wall_time, num_threads=num_threads, train_log=history,
-                            cpu_time_s=cpu_time, load_average={"start": load_start, "end": os.getloadavg()[0]},
-                            epochs=steps * batch_size / len(dataset))
-        (tmp / "provenance.json").write_text(json.dumps(record, indent=1, default=str) + "\n")  # written last
-        if folder.exists():  # force=True, or another process finished first: replace it whole
-            trash = cache_dir / f".trash-{folder.name}-{uuid.uuid4().hex[:8]}"
-            folder.rename(trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+        return model, tokenizer, history
+
+    return build_model_folder(folder, train, "warm_start.json", config,
+                              config={k: v for k, v in config.items() if k != "vocabulary"}, seeds={"seed": seed},
+                              num_threads=num_threads, epochs=steps * batch_size / len(dataset))
 
 # %% ../nbs/01_base.ipynb #9ae2e94b
 WARM_SUFFIX = "-warm"
@@ -666,29 +675,12 @@ def mixed_start(base: str = DEFAULT_PRESET + "-warm", tasks: str | list[str] = _
     folder = cache_dir / f"mixed-{config_hash(config)}"
     if not build or ((folder / "provenance.json").exists() and not force):
         return folder
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        start, cpu_start, load_start = time.time(), time.process_time(), os.getloadavg()[0]
+    def train():
         model, tokenizer = load_model(base, device=device)
         with torch_threads(num_threads):
             history = sft_train(model, tokenizer, dataset, steps, learning_rate, batch_size, seed, device=device,
                                 progress=progress)
-        wall_time, cpu_time = time.time() - start, time.process_time() - cpu_start
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "mixed_start.json").write_text(json.dumps(config, indent=1) + "\n")
-        from motg.runs import provenance
-        record = provenance(config=config, seeds={"seed": seed}, wall_time_s=wall_time, num_threads=num_threads,
-                            train_log=history, cpu_time_s=cpu_time,
-                            load_average={"start": load_start, "end": os.getloadavg()[0]},
-                            epochs=steps * batch_size / len(dataset))
-        (tmp / "provenance.json").write_text(json.dumps(record, indent=1, default=str) + "\n")  # written last
-        if folder.exists():
-            trash = cache_dir / f".trash-{folder.name}-{uuid.uuid4().hex[:8]}"
-            folder.rename(trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+        return model, tokenizer, history
+
+    return build_model_folder(folder, train, "mixed_start.json", config, config=config, seeds={"seed": seed},
+                              num_threads=num_threads, epochs=steps * batch_size / len(dataset))
