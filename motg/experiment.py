@@ -24,11 +24,12 @@ from .runs import (check_int, check_str_list, config_hash, project_root, provena
     run_is_complete, write_json)
 
 # %% auto #0
-__all__ = ['EVAL_MODES', 'EVAL_SEED', 'profile_path', 'load_profile', 'run_name', 'RunSpec', 'mixer_settings', 'expand_sweep',
-           'RunFailed', 'run_train_notebook', 'check_evaluation_parameters', 'check_train_parameters', 'eval_seed',
-           'held_out_rows', 'evaluation_settings', 'evaluation_decoding', 'decode_problems', 'analyse_rollouts',
-           'base_problems', 'evaluate_run', 'finish_run', 'recorded_base_model', 'current_base_model', 'set_aside',
-           'default_jobs', 'run_sweep', 'collect_runs']
+__all__ = ['DICT_PARAMETERS', 'RUN_CONTROLS', 'EVAL_MODES', 'EVAL_SEED', 'profile_path', 'load_profile', 'run_name', 'RunSpec',
+           'mixer_settings', 'expand_sweep', 'sweep_parameters', 'parse_override', 'override_profile', 'RunFailed',
+           'run_train_notebook', 'check_evaluation_parameters', 'check_train_parameters', 'eval_seed', 'held_out_rows',
+           'evaluation_settings', 'evaluation_decoding', 'decode_problems', 'analyse_rollouts', 'base_problems',
+           'evaluate_run', 'finish_run', 'recorded_base_model', 'current_base_model', 'set_aside', 'default_jobs',
+           'run_sweep', 'collect_runs']
 
 # %% ../nbs/08_experiment.ipynb #4cb533ff
 def profile_path(name: str) -> Path:
@@ -95,6 +96,72 @@ def expand_sweep(profile: dict) -> list[RunSpec]:
                 runs[config_hash(params)] = RunSpec(name, params)
             runs[config_hash(params)].experiments.append(experiment)
     return list(runs.values())
+
+# %% ../nbs/08_experiment.ipynb #d5236a19
+import copy
+import difflib
+
+DICT_PARAMETERS = ("mixer_params", "eval_mixer_params", "train_overrides", "ood_data_files", "data_files")
+RUN_CONTROLS = ("out_dir", "overwrite", "resume", "progress")  # set by the sweep for each run, not by a profile
+
+
+def sweep_parameters() -> list[str]:
+    "The names a profile may set: train.ipynb's parameters, less the ones the sweep sets for each run."
+    import papermill as pm
+    return sorted(set(pm.inspect_notebook(str(project_root() / "nbs" / "train.ipynb"))) - set(RUN_CONTROLS))
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    "`key=value` as (key, value): the value read as YAML, a number in any notation a number (`1e-4`)."
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"set: {text!r} is not key=value (e.g. model=/models/qwen, train_overrides.device=cpu)")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".en") else int(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+# %% ../nbs/08_experiment.ipynb #0293c1a5
+def _override_key(key: str, allowed: list[str]) -> tuple[str, str]:
+    "`key` split into (parameter, dict entry or ''), checked against `allowed`."
+    top, _, sub = key.partition(".")
+    if top not in allowed:
+        close = difflib.get_close_matches(top, allowed, 1)
+        raise ValueError(f"set: {top!r} is not a parameter{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                         f"allowed: {allowed}")
+    if sub and top not in DICT_PARAMETERS:
+        raise ValueError(f"set: {key!r}: only dict parameters {list(DICT_PARAMETERS)} take a dotted key")
+    return top, sub
+
+
+def override_profile(profile: dict, overrides: dict) -> dict:
+    "A copy of `profile` where each `overrides` entry wins over defaults, mixer settings, sets and grids."
+    allowed, out = sweep_parameters(), copy.deepcopy(profile)
+    keys = [(key, *_override_key(key, allowed)) for key in overrides]  # every key checked before any change
+    experiments = (out.get("experiments") or {}).values()
+    for key, top, sub in keys:
+        value = overrides[key]
+        entries = [out.setdefault("defaults", {}), *(out.get("mixer_settings") or {}).values(),
+                   *(spec.setdefault("set", {}) for spec in experiments)]
+        for entry in entries:
+            if not sub:
+                entry.pop(top, None)
+            elif isinstance(entry.get(top), dict):
+                entry[top] = {**entry[top], sub: value}
+        for spec in experiments:
+            grid = spec.get("grid") or {}
+            if top in grid and not sub:
+                del grid[top]
+            elif top in grid:
+                grid[top] = [{**(v or {}), sub: value} for v in grid[top]]
+        defaults = out["defaults"]
+        defaults[top] = value if not sub else {**(defaults.get(top) or {}), sub: value}
+    if overrides:
+        out["overrides"] = dict(overrides)
+    return out
 
 # %% ../nbs/08_experiment.ipynb #07aa1a26
 class RunFailed(RuntimeError):
@@ -488,7 +555,7 @@ def _run_tags(run: RunSpec) -> dict:
     p = run.params
     return {"run": run.name, "experiments": "," + ",".join(run.experiments) + ",", "train_task": p.get("task"),
             "train_mixer": p.get("mixer"), "seed": p.get("seed"), "num_generations": p.get("num_generations"),
-            "prompts_per_step": p.get("prompts_per_step"),
+            "prompts_per_step": p.get("prompts_per_step"), "learning_rate": p.get("learning_rate"),
             "mixer_params": json.dumps(p.get("mixer_params") or {}, sort_keys=True)}
 
 

@@ -4,8 +4,12 @@ Each paper model is swapped for a random stand-in of its architecture and vocabu
 2 layers x 96), saved as a local model folder; the math data sets are tiny JSONL files in the hub's layout written
 here; every size is scaled down (one step, two prompts, two problems). The test writes the derived profile the
 way a user would (`model:` a folder, `train_overrides.data_files`, `ood_data_files`) and runs its runs with the
-experiment layer's own functions, in process: check_train_parameters, motg.grpo.train, evaluate_run."""
+experiment layer's own functions, in process: check_train_parameters, motg.grpo.train, evaluate_run. MoT-G's
+`paper` profile runs as the README says, `make reproduce PROFILE=paper SET="model=<folder> ..."`, in a subprocess."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,14 +143,39 @@ def config_ood(config) -> list[str]:
     return ["math"] if config.task == "gsm8k" else ["gsm8k"]
 
 
-def test_the_mot_g_paper_profile_runs_end_to_end_on_a_stand_in(tmp_path, stand_ins):
-    "`make reproduce PROFILE=paper`'s T1 run, scaled down: Qwen2.5-1.5B's stand-in, chat prompts, the motg preset."
-    profile = scaled_down(load_profile("paper"), "T1", ["dirichlet"], stand_ins, {})
-    profile["defaults"]["train_overrides"]["gradient_accumulation_steps"] = 2
-    (config, run_dir, evaluation), = run_profile(profile, tmp_path)
-    assert (config.prompt_style, config.beta, config.reward_scheme, config.mixer) == ("chat", 0.1, "motg", "dirichlet")
-    assert json.loads((run_dir / "config.json").read_text())["model"] == config.model
-    assert any(r["metric"] == "pass@1" for r in evaluation["records"])
+# The README's override for a local model, scaled down with the same switch to one run of one step (SET collapses
+# the seed, mixer and G grids): the documented way to try a paper profile before spending a GPU on it.
+SCALED_DOWN = ("seed=420394 mixer=dirichlet num_generations=2 steps=1 prompts_per_step=2 train_size=4 eval_size=2 "
+               "eval_steps=0 eval_samples=2 eval_ks=[1,2] analysis_prompts=1 max_completion_length=12 ood_size=2 "
+               "train_overrides.gradient_accumulation_steps=2 train_overrides.device=cpu")
+
+
+def make_reproduce(*variables: str) -> subprocess.CompletedProcess:
+    "`make reproduce VARIABLE=value ...` with the Python running the tests (PY=..., so nothing is installed)."
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["make", "--no-print-directory", "reproduce", f"PY={sys.executable}", *variables],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_make_reproduce_paper_runs_with_a_local_model_folder(tmp_path, stand_ins):
+    "`make reproduce PROFILE=paper SET=\"model=<folder> ...\"`: Qwen2.5-1.5B's stand-in folder, chat prompts, the motg preset."
+    folder, out = stand_ins["Qwen/Qwen2.5-1.5B-Instruct"], tmp_path / "results"
+    done = make_reproduce("PROFILE=paper", "JOBS=1", f"RESULTS={out}", f"SET=model={folder} {SCALED_DOWN}")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    overrides = json.loads((out / "manifest.json").read_text())["provenance"]["config"]["overrides"]
+    assert overrides["model"] == folder and overrides["train_overrides.device"] == "cpu"
+    run, = [p for p in (out / "runs").iterdir() if p.is_dir() and p.name != "base-evaluations"]
+    config = json.loads((run / "config.json").read_text())
+    assert (config["model"], config["mixer"], config["prompt_style"], config["beta"], config["reward_scheme"],
+            config["gradient_accumulation_steps"], config["learning_rate"]) == \
+        (folder, "dirichlet", "chat", 0.1, "motg", 2, 5e-6)  # the profile's recipe, the overrides' sizes
+    assert (out / "tables" / "T1_motg10.md").exists() and (out / "data" / "problems.csv").exists()
+
+
+def test_make_reproduce_refuses_a_misspelt_override_before_any_work(tmp_path):
+    done = make_reproduce("PROFILE=paper", f"RESULTS={tmp_path / 'never'}", "SET=modle=/models/qwen")
+    assert done.returncode != 0 and "--set: 'modle' is not a parameter (did you mean 'model'?)" in done.stderr
+    assert not (tmp_path / "never").exists()
 
 
 def test_train_notebook_passes_data_files_to_the_run(tmp_path):
