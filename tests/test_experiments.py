@@ -85,7 +85,7 @@ def test_reproduce_notebook_smoke_profile_builds_every_item_and_resumes(tmp_path
                                         "threads": 1}, progress_bar=False)
         return json.loads((tmp_path / "results" / "manifest.json").read_text())
     manifest = reproduce()
-    assert {item["id"] for item in manifest["items"]} == {"T1", "T2", "T3", "F1", "F2", "F3"}
+    assert {item["id"] for item in manifest["items"]} == {"T1", "T2", "T3", "F1", "F2", "F3", "R-new-seed", "A-lr"}
     for item in manifest["items"]:
         assert (ROOT / item["file"]).exists() or Path(item["file"]).exists(), item
         assert item["runs"] and item["mirrors"]
@@ -99,6 +99,10 @@ def test_reproduce_notebook_smoke_profile_builds_every_item_and_resumes(tmp_path
     assert "T1_cpu_chain_sum.md" in tables and "T2_grid_cpu_chain_sum.md" in tables  # one table per task
     t1 = (tmp_path / "results" / "tables" / "T1_cpu_chain_sum.md").read_text()
     assert "inconclusive" in t1 and "zero-var %" in t1 and "cpu/chain_sum" in t1.splitlines()[0]
+    replication = (tmp_path / "results" / "tables" / "R-new-seed_cpu_chain_sum.md").read_text()
+    assert "inside T1's CI" in replication and "new: 1 seed (1)" in replication
+    ablation = (tmp_path / "results" / "tables" / "A-lr_cpu_chain_sum.md").read_text()
+    assert "learning_rate=0.001" in ablation  # the learning rates are compared, each against the first
     import csv
     reproduce()  # a second call runs nothing: every run is complete
     with open(tmp_path / "results" / "sweep_status.csv") as f:
