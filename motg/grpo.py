@@ -31,10 +31,10 @@ __all__ = ['ADVANTAGE_KINDS', 'SCALE_REWARDS', 'LOSS_TYPES', 'KL_LOG_RATIO_CLAMP
            'compute_advantages', 'masked_mean', 'grpo_loss', 'TrainConfig', 'stable_seed', 'rng_state', 'set_rng_state',
            'checkpoint_dirs', 'load_checkpoint_file', 'lr_lambda', 'evaluate_accuracy', 'model_prompt_style',
            'generation_options', 'run_generation_options', 'resolve_mixed_precision', 'autocast_forward', 'load_policy',
-           'batch_shape', 'split_rollout', 'TrainingSetup', 'build_optimizer', 'setup_training', 'step_rollouts',
-           'step_rewards', 'reference_logps', 'policy_update', 'train_step', 'step_metrics', 'evaluate_during_training',
-           'trainable_state', 'save_checkpoint', 'load_checkpoint', 'save_final_model', 'start_or_resume',
-           'log_metrics', 'finish_run', 'train']
+           'batch_shape', 'split_rollout', 'check_parameter_sharding', 'TrainingSetup', 'build_optimizer',
+           'setup_training', 'step_rollouts', 'step_rewards', 'reference_logps', 'policy_update', 'train_step',
+           'step_metrics', 'evaluate_during_training', 'trainable_state', 'save_checkpoint', 'load_checkpoint',
+           'save_final_model', 'start_or_resume', 'log_metrics', 'finish_run', 'train']
 
 # %% ../nbs/05_grpo.ipynb #28568473
 ADVANTAGE_KINDS = ("grpo", "dr_grpo", "rloo")
@@ -610,6 +610,20 @@ def split_rollout(rollout, size: int) -> list:
     return [replace(rollout, **{f.name: part(getattr(rollout, f.name), slice(start, start + size))
                                 for f in fields(rollout)}) for start in range(0, rows, size)]
 
+# %% ../nbs/05_grpo.ipynb #6c091f83
+def check_parameter_sharding(accelerator) -> None:
+    "Refuse FSDP and DeepSpeed ZeRO-3 (sharded parameters) before any work, naming what works instead."
+    from accelerate.utils import DistributedType
+    kind = accelerator.distributed_type
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None) if kind == DistributedType.DEEPSPEED else None
+    sharded = "FSDP" if kind == DistributedType.FSDP else (
+        "DeepSpeed ZeRO-3" if plugin is not None and getattr(plugin, "zero_stage", None) == 3 else None)
+    if sharded:
+        raise ValueError(f"accelerate config: {sharded} shards parameters, and motg reads whole parameters outside "
+                         "the model's forward (the rollout's mixture embeddings, the chunked LM head of the log-probs); "
+                         "use DDP (distributed_type: MULTI_GPU) or DeepSpeed ZeRO-1/2, with use_peft=True and "
+                         "gradient_checkpointing=True for memory (results/bench/memory.md)")
+
 # %% ../nbs/05_grpo.ipynb #cb5f361c
 TIMING_METRICS = ("step_time", "tokens_per_s", "rollout_time", "update_time", "eval_time")
 
@@ -655,6 +669,7 @@ def setup_training(config: TrainConfig, out_dir: Path, resume: bool = False, ove
     from motg.tasks import load_task, with_prompts
     cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
     accelerator = Accelerator(cpu=cpu, step_scheduler_with_optimizer=False)
+    check_parameter_sharding(accelerator)
     precision = resolve_mixed_precision(config.mixed_precision, accelerator.device, accelerator.mixed_precision)
     shape = batch_shape(config, accelerator.num_processes)
     check_model_spec(config.model)  # an unusable model spec, or an unknown task, raises before any folder exists
