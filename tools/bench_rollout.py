@@ -11,6 +11,12 @@ until all have ended; `generate` drops them from its KV cache); tokens/s counts 
 including its EOS (or all `--new-tokens`), so both are credited for the same kind of work. `generate` thinks in
 the mixer's mixture tokens until `</think>` (which the prompts leave open) and answers with ordinary tokens.
 The goal (issue 12) is every mixer at >= 1.5x the reference.
+
+Two readings. Tokens/s credits each method with the tokens its rows wrote: for `hard` (the same distribution as
+the reference) that is the user's speed-up; for a mixer it also moves with how long its rows run (a mixture changes
+where EOS comes), so it is not a speed of the loop alone. Milliseconds per decode step (wall time / the longest
+row's length: one forward per step on both sides) is the loop's own cost at this batch; its ratio to the
+reference says how much the mixture step and the loop add or save per step.
 """
 from __future__ import annotations
 
@@ -89,17 +95,17 @@ def main(argv: list[str] | None = None) -> dict:
     n = args.new_tokens
     eos = eos_token_ids(tokenizer, model)
 
-    def run_hf(seed: int) -> int:
+    def run_hf(seed: int) -> tuple[int, int]:
         torch.manual_seed(seed)
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=n, top_k=None,
                              top_p=None, temperature=1.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
-        return tokens_until_eos(out[:, ids.shape[1]:], eos)
+        return tokens_until_eos(out[:, ids.shape[1]:], eos), out.shape[1] - ids.shape[1]  # (tokens, decode steps)
 
     def run_mixer(name: str):
-        def run(seed: int) -> int:
+        def run(seed: int) -> tuple[int, int]:
             rollout = generate(model, tokenizer, prompts, make_mixer(name), n, torch.Generator().manual_seed(seed),
                                compile=args.compile)
-            return int(rollout.sequence_mask.sum())
+            return int(rollout.sequence_mask.sum()), int(rollout.sequence_mask.sum(1).max())
         return run
 
     methods = {"transformers": run_hf, **{name: run_mixer(name) for name in mixer_names}}
@@ -109,24 +115,51 @@ def main(argv: list[str] | None = None) -> dict:
     warm_up_s = time.time() - warm
     times = {name: [] for name in methods}
     tokens = {name: [] for name in methods}
+    steps = {name: [] for name in methods}
     load_before = os.getloadavg()
     started = time.time()
     loads = []
+    config = {"model": args.model, "batch": args.batch, "new_tokens": n, "reps": args.reps,
+              "threads": args.threads, "compile": args.compile, "mixers": mixer_names,
+              "prompts": f"make_prompts(batch, chat={args.model.startswith('smollm2')})",
+              "reference": "model.generate(do_sample=True, top_k=None, top_p=None, temperature=1.0), stops at EOS"}
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    suffix = "_compiled" if args.compile else ""
+    record = {}
     for rep in range(args.reps):
         names = list(methods)
         names = names[rep % len(names):] + names[:rep % len(names)]  # rotate the order: no method always first
         loads.append(os.getloadavg()[0])
         for name in names:
             t0 = time.perf_counter()
-            tokens[name].append(methods[name](rep + 1))
+            done_tokens, done_steps = methods[name](rep + 1)
+            tokens[name].append(done_tokens)
+            steps[name].append(done_steps)
             times[name].append(time.perf_counter() - t0)
-    load_after = os.getloadavg()
+        # written after every repetition: a bench starved or stopped part way still leaves its numbers
+        record = {"results": summarise(tokens, times, steps, mixer_names),
+                  "provenance": provenance(config=config, seeds={"model": 0, "reps": list(range(1, rep + 2))},
+                                           wall_time_s=time.time() - started, warm_up_s=warm_up_s,
+                                           cpu_model=cpu_model(), reps_done=rep + 1,
+                                           load_average_before=load_before, load_average_after=os.getloadavg(),
+                                           load_average_per_rep=loads, torch_version=torch.__version__,
+                                           command="python tools/bench_rollout.py " + " ".join(argv or sys.argv[1:]))}
+        write_json(out_dir / f"rollout_{args.model}{suffix}.json", record)
+        (out_dir / "rollout.md").write_text(render(out_dir))
+        print(f"repetition {rep + 1}/{args.reps} written", flush=True)
+    print(render(out_dir))
+    return record
 
+
+def summarise(tokens: dict, times: dict, steps: dict, mixer_names: list[str]) -> dict:
+    "Per method: median/best tokens/s, ms per decode step, and each mixer's ratios to the reference (medians, paired)."
     def summary(name: str) -> dict:
         rates = [t / s for t, s in zip(tokens[name], times[name])]
         return {"median_s": statistics.median(times[name]), "min_s": min(times[name]),
                 "tokens_per_s": statistics.median(rates), "best_tokens_per_s": max(rates),
-                "tokens": tokens[name], "times_s": times[name]}
+                "tokens": tokens[name], "times_s": times[name], "steps": steps[name],
+                "ms_per_step": statistics.median(1000 * s / n for s, n in zip(times[name], steps[name]))}
 
     reference = summary("transformers")
     results = {"transformers": reference}
@@ -140,25 +173,18 @@ def main(argv: list[str] | None = None) -> dict:
         result["paired_ratios"] = paired
         result["paired_ratio_median"] = statistics.median(paired)
         results[name] = result
+    return results
 
-    config = {"model": args.model, "batch": args.batch, "new_tokens": n, "reps": args.reps,
-              "threads": args.threads, "compile": args.compile, "mixers": mixer_names,
-              "prompts": f"make_prompts(batch, chat={args.model.startswith('smollm2')})",
-              "reference": "model.generate(do_sample=True, top_k=None, top_p=None, temperature=1.0), stops at EOS"}
-    record = {"results": results,
-              "provenance": provenance(config=config, seeds={"model": 0, "reps": list(range(1, args.reps + 1))},
-                                       wall_time_s=time.time() - started, warm_up_s=warm_up_s, cpu_model=cpu_model(),
-                                       load_average_before=load_before, load_average_after=load_after,
-                                       load_average_per_rep=loads, torch_version=torch.__version__,
-                                       command="python tools/bench_rollout.py " + " ".join(argv or sys.argv[1:]))}
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    suffix = "_compiled" if args.compile else ""
-    write_json(out_dir / f"rollout_{args.model}{suffix}.json", record)
-    text = render(out_dir)
-    (out_dir / "rollout.md").write_text(text)
-    print(text)
-    return record
+
+def per_step(result: dict) -> str:
+    return f"{result['ms_per_step']:.1f}" if "ms_per_step" in result else "–"
+
+
+def step_ratio(result: dict, reference: dict) -> str:
+    "A decode step's cost against the reference's (< 1: cheaper); '–' for records written before steps were counted."
+    if "ms_per_step" not in result or "ms_per_step" not in reference:
+        return "–"
+    return f"{result['ms_per_step'] / reference['ms_per_step']:.2f}"
 
 
 def render(out_dir: Path) -> str:
@@ -175,23 +201,26 @@ def render(out_dir: Path) -> str:
         ref = results["transformers"]
         git = prov.get("git") or {}
         lines += [f"## {config['model']}{' (compile=True)' if config.get('compile') else ''}: {config['batch']} prompts × "
-                  f"{config['new_tokens']} new tokens, {config['threads']} threads, {config['reps']} repetitions", "",
+                  f"{config['new_tokens']} new tokens, {config['threads']} threads, "
+                  f"{prov.get('reps_done', config['reps'])} of {config['reps']} repetitions", "",
                   f"Command: `{prov.get('command', '?')}`; git {git.get('commit', '?')}"
                   f"{' (dirty)' if git.get('dirty') else ''}; torch {prov.get('torch_version')}; {prov.get('cpu_model')}; "
                   f"load average {prov['load_average_before'][0]:.1f} before / {prov['load_average_after'][0]:.1f} "
                   f"after, per repetition {', '.join(f'{x:.1f}' for x in prov.get('load_average_per_rep', []))} "
                   f"(2 cores shared with other jobs); warm-up {prov.get('warm_up_s', 0):.0f} s; written "
                   f"{prov['written_at']}.", "",
-                  "| method | median s | tokens (median) | tokens/s (median) | × transformers | paired × | best × |",
-                  "|---|---:|---:|---:|---:|---:|---:|",
+                  "| method | median s | tokens (median) | tokens/s (median) | × transformers | paired × | best × | "
+                  "ms per decode step | step cost ÷ reference |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
                   f"| transformers `generate` | {ref['median_s']:.2f} | {statistics.median(ref['tokens']):.0f} | "
-                  f"{ref['tokens_per_s']:.0f} | 1.00 | 1.00 | 1.00 |"]
+                  f"{ref['tokens_per_s']:.0f} | 1.00 | 1.00 | 1.00 | {per_step(ref)} | 1.00 |"]
         for name, r in results.items():
             if name == "transformers":
                 continue
             lines.append(f"| `{name}` | {r['median_s']:.2f} | {statistics.median(r['tokens']):.0f} | "
                          f"{r['tokens_per_s']:.0f} | {r['ratio_vs_transformers']:.2f} | "
-                         f"{r['paired_ratio_median']:.2f} | {r['best_ratio_vs_transformers']:.2f} |")
+                         f"{r['paired_ratio_median']:.2f} | {r['best_ratio_vs_transformers']:.2f} | {per_step(r)} | "
+                         f"{step_ratio(r, ref)} |")
         lines.append("")
     return "\n".join(lines)
 
