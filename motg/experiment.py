@@ -28,8 +28,8 @@ __all__ = ['DICT_PARAMETERS', 'RUN_CONTROLS', 'EVAL_MODES', 'EVAL_SEED', 'profil
            'mixer_settings', 'expand_sweep', 'sweep_parameters', 'parse_override', 'override_profile', 'RunFailed',
            'run_train_notebook', 'check_evaluation_parameters', 'check_train_parameters', 'eval_seed', 'held_out_rows',
            'evaluation_settings', 'evaluation_decoding', 'decode_problems', 'analyse_rollouts', 'base_problems',
-           'evaluate_run', 'finish_run', 'recorded_base_model', 'current_base_model', 'set_aside', 'default_jobs',
-           'run_sweep', 'collect_runs']
+           'evaluate_run', 'finish_run', 'recorded_base_model', 'current_base_model', 'set_aside', 'base_models_now',
+           'run_is_current', 'pending_runs', 'default_jobs', 'run_sweep', 'collect_runs']
 
 # %% ../nbs/08_experiment.ipynb #4cb533ff
 def profile_path(name: str) -> Path:
@@ -500,6 +500,25 @@ def set_aside(run_dir: Path, runs_dir: Path, tag: str) -> Path:
         target = stale / f"{run_dir.name}.{tag}.{uuid.uuid4().hex[:8]}"
     return Path(shutil.move(str(run_dir), str(target)))
 
+
+def base_models_now(runs: list[RunSpec]) -> dict[str, str | None]:
+    "Each model spec of `runs` and the folder name it resolves to now (`current_base_model`), without building any."
+    return {spec: current_base_model(spec) for spec in {run.params.get("model") for run in runs} - {None}}
+
+
+def run_is_current(run_dir: Path | str, current: str | None) -> bool:
+    "Whether `run_dir` holds a complete run made from the base model whose folder is now `current` (or unrecorded)."
+    if not run_is_complete(run_dir):
+        return False
+    then = recorded_base_model(run_dir)
+    return then is None or current is None or then == current
+
+
+def pending_runs(runs: list[RunSpec], runs_dir: Path | str) -> list[RunSpec]:
+    "The runs a sweep would execute: not complete, or complete from a base model that has changed since."
+    now = base_models_now(runs)
+    return [run for run in runs if not run_is_current(Path(runs_dir) / run.name, now.get(run.params.get("model")))]
+
 # %% ../nbs/08_experiment.ipynb #1c4acd90
 def default_jobs() -> int:
     "Runs at a time by default: one per GPU on CUDA, else one."
@@ -521,14 +540,13 @@ def run_sweep(runs: list[RunSpec], runs_dir: Path | str, jobs: int | None = None
     devices = queue.Queue()  # with GPUs, each running job holds one device: one run per GPU
     for job in range(jobs):
         devices.put(str(job % gpus) if gpus else None)
-    specs = {run.params.get("model") for run in runs} - {None}
-    now = {spec: current_base_model(spec) for spec in specs}  # once per spec, before any run starts
+    now = base_models_now(runs)  # once per spec, before any run starts
 
     def one(run: RunSpec) -> dict:
         folder, t0, note = runs_dir / run.name, time.time(), ""
         if run_is_complete(folder):
             then, current = recorded_base_model(folder), now.get(run.params.get("model"))
-            if then is None or current is None or then == current:
+            if run_is_current(folder, current):
                 return {"run": run.name, "status": "complete", "seconds": 0.0, "note": note}
             aside = set_aside(folder, runs_dir, then)
             note = f"base model {then} is now {current}: the old run was moved to {relative_to_root(aside)}"
