@@ -102,7 +102,7 @@ def test_reproduce_notebook_smoke_profile_builds_every_item_and_resumes(tmp_path
     replication = (tmp_path / "results" / "tables" / "R-new-seed_cpu_chain_sum.md").read_text()
     assert "inside T1's CI" in replication and "new: 1 seed (1)" in replication
     ablation = (tmp_path / "results" / "tables" / "A-lr_cpu_chain_sum.md").read_text()
-    assert "learning_rate=0.001" in ablation  # the learning rates are compared, each against the first
+    assert "hard: learning_rate=0.001" in ablation and "dirichlet: learning_rate=0.0001" in ablation  # per mixer
     import csv
     reproduce()  # a second call runs nothing: every run is complete
     with open(tmp_path / "results" / "sweep_status.csv") as f:
