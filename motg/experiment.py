@@ -25,11 +25,11 @@ from .runs import (check_int, check_str_list, config_hash, project_root, provena
 
 # %% auto #0
 __all__ = ['DICT_PARAMETERS', 'RUN_CONTROLS', 'EVAL_MODES', 'EVAL_SEED', 'profile_path', 'load_profile', 'run_name', 'RunSpec',
-           'mixer_settings', 'expand_sweep', 'sweep_parameters', 'parse_override', 'override_profile', 'RunFailed',
-           'run_train_notebook', 'check_evaluation_parameters', 'check_train_parameters', 'eval_seed', 'held_out_rows',
-           'evaluation_settings', 'evaluation_decoding', 'decode_problems', 'analyse_rollouts', 'base_problems',
-           'evaluate_run', 'finish_run', 'recorded_base_model', 'current_base_model', 'set_aside', 'base_models_now',
-           'run_is_current', 'pending_runs', 'default_jobs', 'run_sweep', 'collect_runs']
+           'mixer_settings', 'expand_sweep', 'sweep_parameters', 'parse_override', 'override_profile', 'results_name',
+           'RunFailed', 'run_train_notebook', 'check_evaluation_parameters', 'check_train_parameters', 'eval_seed',
+           'held_out_rows', 'evaluation_settings', 'evaluation_decoding', 'decode_problems', 'analyse_rollouts',
+           'base_problems', 'evaluate_run', 'finish_run', 'recorded_base_model', 'current_base_model', 'set_aside',
+           'base_models_now', 'run_is_current', 'pending_runs', 'default_jobs', 'run_sweep', 'collect_runs']
 
 # %% ../nbs/08_experiment.ipynb #4cb533ff
 def profile_path(name: str) -> Path:
@@ -72,7 +72,6 @@ class RunSpec:
 
 def mixer_settings(profile: dict) -> dict[str, dict]:
     "A profile's per-mixer overrides of its `defaults` (`mixer_settings: {soft: {preset: soft_tokens, ...}}`), checked."
-    from motg.mixture import MIXERS
     from motg.runs import check_choice
     settings = profile.get("mixer_settings") or {}
     if not isinstance(settings, dict) or not all(isinstance(v, dict) for v in settings.values()):
@@ -117,11 +116,12 @@ def parse_override(text: str) -> tuple[str, object]:
     if not sep or not key.strip():
         raise ValueError(f"set: {text!r} is not key=value (e.g. model=/models/qwen, train_overrides.device=cpu)")
     value = yaml.safe_load(raw) if raw.strip() else None
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value.lower() for c in ".en") else int(value)
-        except ValueError:
-            pass
+    for number in (int, float):  # YAML reads 1e-4 as a string
+        if isinstance(value, str):
+            try:
+                value = number(value)
+            except ValueError:
+                pass
     return key.strip(), value
 
 # %% ../nbs/08_experiment.ipynb #0293c1a5
@@ -144,8 +144,7 @@ def override_profile(profile: dict, overrides: dict) -> dict:
     experiments = (out.get("experiments") or {}).values()
     for key, top, sub in keys:
         value = overrides[key]
-        entries = [out.setdefault("defaults", {}), *(out.get("mixer_settings") or {}).values(),
-                   *(spec.setdefault("set", {}) for spec in experiments)]
+        entries = [*(out.get("mixer_settings") or {}).values(), *(spec.setdefault("set", {}) for spec in experiments)]
         for entry in entries:
             if not sub:
                 entry.pop(top, None)
@@ -157,11 +156,17 @@ def override_profile(profile: dict, overrides: dict) -> dict:
                 del grid[top]
             elif top in grid:
                 grid[top] = [{**(v or {}), sub: value} for v in grid[top]]
-        defaults = out["defaults"]
+        defaults = out.setdefault("defaults", {})
         defaults[top] = value if not sub else {**(defaults.get(top) or {}), sub: value}
     if overrides:
         out["overrides"] = dict(overrides)
     return out
+
+
+def results_name(profile: dict, fallback: str) -> str:
+    "The results folder name of a (possibly overridden) profile: its name, plus `-set-<hash>` of its overrides."
+    overrides = profile.get("overrides")
+    return profile.get("name", fallback) + (f"-set-{config_hash(overrides)}" if overrides else "")
 
 # %% ../nbs/08_experiment.ipynb #07aa1a26
 class RunFailed(RuntimeError):
@@ -545,9 +550,10 @@ def run_sweep(runs: list[RunSpec], runs_dir: Path | str, jobs: int | None = None
     def one(run: RunSpec) -> dict:
         folder, t0, note = runs_dir / run.name, time.time(), ""
         if run_is_complete(folder):
-            then, current = recorded_base_model(folder), now.get(run.params.get("model"))
+            current = now.get(run.params.get("model"))
             if run_is_current(folder, current):
                 return {"run": run.name, "status": "complete", "seconds": 0.0, "note": note}
+            then = recorded_base_model(folder)
             aside = set_aside(folder, runs_dir, then)
             note = f"base model {then} is now {current}: the old run was moved to {relative_to_root(aside)}"
         params = {**run.params, **({"num_threads": threads} if threads else {})}

@@ -30,7 +30,7 @@ def main() -> int:
     parser.add_argument("--results-dir", default=None, help="where results go (default: results/<profile>)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from motg.experiment import load_profile, override_profile, parse_override
+    from motg.experiment import load_profile, override_profile, parse_override, results_name
     try:
         spec = load_profile(args.profile)  # an unknown profile fails here, before any work
     except ValueError as error:
@@ -46,9 +46,7 @@ def main() -> int:
         import torch
         args.jobs = torch.cuda.device_count() if torch.cuda.is_available() else 2  # one run per GPU
     import papermill as pm
-    from motg.runs import config_hash
-    name = spec.get("name", args.profile) + (f"-set-{config_hash(overrides)}" if overrides else "")
-    out = Path(args.results_dir).resolve() if args.results_dir else ROOT / "results" / name
+    out = Path(args.results_dir).resolve() if args.results_dir else ROOT / "results" / results_name(spec, args.profile)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     pm.execute_notebook(str(ROOT / "nbs" / "reproduce.ipynb"), str(out / "reproduce.ipynb"),
