@@ -5,6 +5,7 @@
 # %% ../nbs/08_experiment.ipynb #ab719a2c
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -24,12 +25,14 @@ from .runs import (check_int, check_str_list, config_hash, project_root, provena
     run_is_complete, write_json)
 
 # %% auto #0
-__all__ = ['DICT_PARAMETERS', 'RUN_CONTROLS', 'EVAL_MODES', 'EVAL_SEED', 'profile_path', 'load_profile', 'run_name', 'RunSpec',
-           'mixer_settings', 'expand_sweep', 'sweep_parameters', 'parse_override', 'override_profile', 'results_name',
-           'RunFailed', 'run_train_notebook', 'check_evaluation_parameters', 'check_train_parameters', 'eval_seed',
-           'held_out_rows', 'evaluation_settings', 'evaluation_decoding', 'decode_problems', 'analyse_rollouts',
-           'base_problems', 'evaluate_run', 'finish_run', 'recorded_base_model', 'current_base_model', 'set_aside',
-           'base_models_now', 'run_is_current', 'pending_runs', 'default_jobs', 'run_sweep', 'collect_runs']
+__all__ = ['DICT_PARAMETERS', 'RUN_CONTROLS', 'EVAL_MODES', 'EVAL_SEED', 'EVALUATION_FILES', 'profile_path', 'load_profile',
+           'run_name', 'RunSpec', 'mixer_settings', 'expand_sweep', 'sweep_parameters', 'parse_override',
+           'override_profile', 'results_name', 'RunFailed', 'run_train_notebook', 'check_evaluation_parameters',
+           'check_train_parameters', 'eval_seed', 'held_out_problems', 'held_out_rows', 'evaluation_settings',
+           'evaluation_decoding', 'decode_problems', 'analyse_rollouts', 'base_problems', 'evaluate_run', 'finish_run',
+           'recorded_base_model', 'current_base_model', 'set_aside', 'set_aside_evaluation', 'held_out_ids',
+           'evaluation_is_current', 'base_models_now', 'run_is_current', 'pending_runs', 'default_jobs', 'run_sweep',
+           'collect_runs']
 
 # %% ../nbs/08_experiment.ipynb #4cb533ff
 def profile_path(name: str) -> Path:
@@ -307,14 +310,19 @@ def eval_seed(params: dict) -> int:
     return EVAL_SEED if params.get("eval_seed") is None else params["eval_seed"]
 
 
+def held_out_problems(task, size: int, seed: int, data_files=None) -> list[dict]:
+    "`size` distinct test problems of `task` at `seed`: a question a generator repeats is drawn once (`distinct`)."
+    from motg.tasks import load_task
+    return list(load_task(task, "test", size, seed, data_files=data_files, distinct=True))  # a math task's files
+
+
 def held_out_rows(config, params: dict, tokenizer) -> list[dict]:
-    "The final evaluation's problems: `eval_problems` (default `eval_size`) test rows at the fixed `eval_seed`."
-    from motg.tasks import load_task, with_prompts
-    size = params.get("eval_problems") or config.eval_size
-    seed = eval_seed(params)
+    "The final evaluation's problems: `eval_problems` (default `eval_size`) distinct test problems at `eval_seed`."
+    from motg.tasks import with_prompts
+    rows = held_out_problems(config.task, params.get("eval_problems") or config.eval_size, eval_seed(params),
+                             config.data_files)
     # the prompts of training (motg.grpo.train re-prompts its rows the same way)
-    rows = load_task(config.task, "test", size, seed, data_files=config.data_files)  # a math task's local files
-    return with_prompts(list(rows), config.prompt_style, tokenizer)
+    return with_prompts(rows, config.prompt_style, tokenizer)
 
 
 def evaluation_settings(config, params: dict, E_base) -> dict[str, dict]:
@@ -496,14 +504,58 @@ def current_base_model(spec: str) -> str | None:
     return source.name if source else None
 
 
-def set_aside(run_dir: Path, runs_dir: Path, tag: str) -> Path:
-    "Move a run folder to `<runs_dir>-stale/<name>.<tag>` (a fresh suffix if taken); returns where it went."
+def _stale_folder(run_dir: Path, runs_dir: Path, tag: str) -> Path:
+    "A new folder name `<runs_dir>-stale/<name>.<tag>` (a fresh suffix if taken)."
     stale = runs_dir.with_name(runs_dir.name + "-stale")
     stale.mkdir(parents=True, exist_ok=True)
     target = stale / f"{run_dir.name}.{tag}"
-    if target.exists():
-        target = stale / f"{run_dir.name}.{tag}.{uuid.uuid4().hex[:8]}"
-    return Path(shutil.move(str(run_dir), str(target)))
+    return stale / f"{run_dir.name}.{tag}.{uuid.uuid4().hex[:8]}" if target.exists() else target
+
+
+def set_aside(run_dir: Path, runs_dir: Path, tag: str) -> Path:
+    "Move a run folder to `<runs_dir>-stale/<name>.<tag>` (a fresh suffix if taken); returns where it went."
+    return Path(shutil.move(str(run_dir), str(_stale_folder(run_dir, runs_dir, tag))))
+
+
+# what train.ipynb's evaluation writes; the training's files (model/, checkpoints/, metrics.jsonl, config.json,
+# train_summary.json) are not among them. train.ipynb is the executed notebook, which also holds the training's output
+EVALUATION_FILES = ("eval.json", "provenance.json", "problems.csv", "samples.jsonl", "entropy.csv", "diversity.csv",
+                    "curves.png", "train.ipynb")
+
+
+def set_aside_evaluation(run_dir: Path, runs_dir: Path, tag: str = "evaluation") -> Path:
+    "Move a run's `EVALUATION_FILES` to `<runs_dir>-stale/<name>.<tag>`, leaving its training; returns where they went."
+    target = _stale_folder(run_dir, runs_dir, tag)
+    target.mkdir()
+    for name in EVALUATION_FILES:
+        if (run_dir / name).exists():
+            shutil.move(str(run_dir / name), str(target / name))
+    return target
+
+
+@functools.lru_cache(maxsize=64)
+def _held_out_ids(task: str, size: int, seed: int, data_files: str) -> frozenset[str]:
+    "`held_out_ids` with its arguments as JSON (hashable, for the cache)."
+    from motg.evaluate import problem_id
+    rows = held_out_problems(json.loads(task), size, seed, json.loads(data_files))
+    return frozenset(problem_id(row) for row in rows)
+
+
+def held_out_ids(params: dict) -> frozenset[str]:
+    "The problem ids (`motg.evaluate.problem_id`) a run with these parameters is evaluated on now; no model is loaded."
+    files = params.get("data_files") or (params.get("train_overrides") or {}).get("data_files")
+    return _held_out_ids(json.dumps(params["task"], sort_keys=True), params.get("eval_problems") or params["eval_size"],
+                         eval_seed(params), json.dumps(files, sort_keys=True))
+
+
+def evaluation_is_current(run_dir: Path | str, params: dict) -> bool:
+    "Whether a complete run's `problems.csv` holds exactly the held-out problems its parameters give now."
+    import pandas as pd
+    path = Path(run_dir) / "problems.csv"
+    if not path.exists():  # evaluated before per-problem results were kept: the tables need them
+        return False
+    recorded = set(pd.read_csv(path, usecols=["problem"], dtype={"problem": str})["problem"])
+    return recorded == held_out_ids(params)
 
 
 def base_models_now(runs: list[RunSpec]) -> dict[str, str | None]:
@@ -520,9 +572,10 @@ def run_is_current(run_dir: Path | str, current: str | None) -> bool:
 
 
 def pending_runs(runs: list[RunSpec], runs_dir: Path | str) -> list[RunSpec]:
-    "The runs a sweep would execute: not complete, or complete from a base model that has changed since."
+    "The runs a sweep would execute: not complete, complete from a base model changed since, or to evaluate again."
     now = base_models_now(runs)
-    return [run for run in runs if not run_is_current(Path(runs_dir) / run.name, now.get(run.params.get("model")))]
+    return [run for run in runs if not (run_is_current(Path(runs_dir) / run.name, now.get(run.params.get("model")))
+                                        and evaluation_is_current(Path(runs_dir) / run.name, run.params))]
 
 # %% ../nbs/08_experiment.ipynb #1c4acd90
 def default_jobs() -> int:
@@ -551,11 +604,16 @@ def run_sweep(runs: list[RunSpec], runs_dir: Path | str, jobs: int | None = None
         folder, t0, note = runs_dir / run.name, time.time(), ""
         if run_is_complete(folder):
             current = now.get(run.params.get("model"))
-            if run_is_current(folder, current):
+            if not run_is_current(folder, current):
+                then = recorded_base_model(folder)
+                aside = set_aside(folder, runs_dir, then)
+                note = f"base model {then} is now {current}: the old run was moved to {relative_to_root(aside)}"
+            elif evaluation_is_current(folder, run.params):
                 return {"run": run.name, "status": "complete", "seconds": 0.0, "note": note}
-            then = recorded_base_model(folder)
-            aside = set_aside(folder, runs_dir, then)
-            note = f"base model {then} is now {current}: the old run was moved to {relative_to_root(aside)}"
+            else:  # train.ipynb resumes it: the finished training is kept (motg.grpo.finished_training)
+                aside = set_aside_evaluation(folder, runs_dir)
+                note = (f"its held-out problems changed: evaluated again, training kept; the old evaluation was moved "
+                        f"to {relative_to_root(aside)}")
         params = {**run.params, **({"num_threads": threads} if threads else {})}
         device = devices.get()
         try:

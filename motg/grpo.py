@@ -34,7 +34,7 @@ __all__ = ['ADVANTAGE_KINDS', 'SCALE_REWARDS', 'LOSS_TYPES', 'KL_LOG_RATIO_CLAMP
            'batch_shape', 'split_rollout', 'check_parameter_sharding', 'TrainingSetup', 'build_optimizer',
            'setup_training', 'step_rollouts', 'step_rewards', 'reference_logps', 'policy_update', 'train_step',
            'step_metrics', 'evaluate_during_training', 'trainable_state', 'save_checkpoint', 'load_checkpoint',
-           'save_final_model', 'start_or_resume', 'log_metrics', 'finish_run', 'train']
+           'save_final_model', 'start_or_resume', 'log_metrics', 'finish_run', 'finished_training', 'train']
 
 # %% ../nbs/05_grpo.ipynb #28568473
 ADVANTAGE_KINDS = ("grpo", "dr_grpo", "rloo")
@@ -990,14 +990,30 @@ def finish_run(setup: TrainingSetup, out_dir: Path, record: dict, initial_eval: 
     return {"out_dir": str(out_dir), "initial": initial_eval, "final": final_eval, "last_step_metrics": record}
 
 # %% ../nbs/05_grpo.ipynb #31e06026
+def finished_training(config: TrainConfig, out_dir: Path | str) -> dict | None:
+    """What `train` returned for the run in `out_dir` when its training finished (`train_summary.json`, `model/` and
+    the last step's checkpoint are there), else None; a run with another config is refused as on resume."""
+    out_dir, checkpoints = Path(out_dir), checkpoint_dirs(out_dir)
+    if not ((out_dir / "train_summary.json").exists() and (out_dir / "model").is_dir() and checkpoints
+            and checkpoints[-1].name == f"step-{config.steps:06d}"):
+        return None
+    _run_state(replace(config, prompt_style=model_prompt_style(config.model, config.prompt_style)), out_dir,
+               resume=True, overwrite=False)
+    summary = json.loads((out_dir / "train_summary.json").read_text())
+    return {"out_dir": str(out_dir), **{key: summary.get(key, {}) for key in ["initial", "final", "last_step_metrics"]}}
+
+
 def train(config: TrainConfig, out_dir: Path | str, resume: bool = False, overwrite: bool = False,
           reward_fn: Callable[[str, dict], float] | None = None) -> dict:
-    "Train `config` into `out_dir`; returns the final metrics and evaluation. `resume` continues from the last checkpoint."
+    """Train `config` into `out_dir`; returns the final metrics and evaluation. `resume` continues from the last
+    checkpoint; a finished run resumed is left as it is (`finished_training`: e.g. a sweep evaluating it again)."""
     from tqdm.auto import tqdm
     start_time = time.time()
     if reward_fn is not None and not callable(reward_fn):
         raise ValueError(f"reward_fn: must be None or a callable (completion, row) -> float, got {reward_fn!r}")
     out_dir = Path(out_dir)
+    if resume and (finished := finished_training(replace(config).validate(), out_dir)) is not None:
+        return finished  # nothing is loaded or written: the model, checkpoints and summary stay as they were
     setup = setup_training(replace(config).validate(), out_dir, resume, overwrite)  # a copy, checked again
     config = setup.config
     start_step = start_or_resume(setup, out_dir, resume)

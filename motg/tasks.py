@@ -347,8 +347,10 @@ def _gold_answer(entry: dict) -> str:
     return "" if entry.get("answer") is None else str(entry["answer"])
 
 # %% ../nbs/00_tasks.ipynb #e890193a
-def _collect(task: str, config: dict, split: str, count: int, seed: int, charset: str | None) -> tuple[list, int]:
-    "The first `count` items of `split` in the task's seeded stream, and how many were dropped for their characters."
+def _collect(task: str, config: dict, split: str, count: int, seed: int, charset: str | None,
+             distinct: bool = False) -> tuple[list, int]:
+    """The first `count` items of `split` in the task's seeded stream (`distinct`: no question twice), and how many
+    were dropped for their characters."""
     share = TEST_SHARE if split == "test" else 1 - TEST_SHARE
     pool = max(64, int(count / share * 1.25) + 16)
     allowed = set(charset) if charset is not None else None
@@ -359,7 +361,7 @@ def _collect(task: str, config: dict, split: str, count: int, seed: int, charset
         except (AssertionError, TypeError, ValueError) as e:
             raise ValueError(f"difficulty: Reasoning-Gym rejected {task} with {config} at pool size {pool}: {e}") \
                 from None
-        items, dropped = [], 0
+        items, dropped, seen = [], 0, set()
         for index in range(pool):
             try:
                 entry = dataset[index]
@@ -370,11 +372,15 @@ def _collect(task: str, config: dict, split: str, count: int, seed: int, charset
             if allowed is not None and not set(entry["question"]) <= allowed:
                 dropped += 1  # dropped, never altered: the tiny tokenizer cannot encode it
                 continue
+            if distinct and entry["question"] in seen:  # generators with few distinct questions repeat them
+                continue
+            seen.add(entry["question"])
             items.append(entry)
             if len(items) == count:
                 return items, dropped
         if pool >= 64 * count + 4096:
-            raise ValueError(f"size: {task} gives only {len(items)} {split} items out of {pool} generated; ask "
+            raise ValueError(f"size: {task} gives only {len(items)} {'distinct ' * distinct}{split} items out of "
+                             f"{pool} generated; ask "
                              f"for fewer than {count}")
         pool *= 2
 
@@ -500,19 +506,22 @@ def _math_filter(name: str, difficulty: dict) -> Callable[[Mapping], bool]:
     return keep
 
 
-def _math_rows(name: str, split: str, size: int, seed: int, data_files, difficulty: dict) -> tuple[list, int]:
-    "`size` rows of a math data set's split in a seeded order, and how many of the records visited had no gold."
+def _math_rows(name: str, split: str, size: int, seed: int, data_files, difficulty: dict,
+               distinct: bool = False) -> tuple[list, int]:
+    """`size` rows of a math data set's split in a seeded order (`distinct`: no question twice), and how many of the
+    records visited had no gold."""
     keep = _math_filter(name, difficulty)
     records = _math_records(name, split, data_files)
     order = list(range(len(records)))
     random.Random(_pool_seed(f"{name}/{split}", seed)).shuffle(order)
-    rows, dropped, config = [], 0, json.dumps(difficulty, sort_keys=True)
+    rows, dropped, config, seen = [], 0, json.dumps(difficulty, sort_keys=True), set()
     for index in order:
         record = records[index]
         gold = math_gold(name, record) if keep(record) else None
         dropped += gold == ""
-        if gold:
-            question = str(record[MATH_DATASETS[name]["question"]])
+        question = str(record[MATH_DATASETS[name]["question"]]) if gold else None
+        if gold and not (distinct and question in seen):
+            seen.add(question)
             rows.append({"task": name, "question": question, "answer": gold,
                          "prompt": format_prompt(question, "soft_tokens"), "trace": "",
                          "completion": format_completion("", gold, "soft_tokens"),
@@ -520,10 +529,12 @@ def _math_rows(name: str, split: str, size: int, seed: int, data_files, difficul
             if len(rows) == size:
                 return rows, dropped
     where = f" at {config}" if difficulty else ""
-    raise ValueError(f"size: {name} {split} has {len(rows)} rows with a gold answer{where}, fewer than {size}")
+    raise ValueError(f"size: {name} {split} has {len(rows)} {'distinct ' * distinct}rows with a gold answer{where}, "
+                     f"fewer than {size}")
 
 # %% ../nbs/00_tasks.ipynb #da3f1f35
-def load_task(name: str | dict, split: str, size: int, seed: int, data_files=None, **difficulty) -> datasets.Dataset:
+def load_task(name: str | dict, split: str, size: int, seed: int, data_files=None, distinct: bool = False,
+              **difficulty) -> datasets.Dataset:
     "`size` rows of `split` of a task, suite, mix or math data set, seeded; train and test never share a question."
     if split not in SPLITS:
         raise ValueError(f"split: must be one of {list(SPLITS)}, got {split!r}")
@@ -531,9 +542,11 @@ def load_task(name: str | dict, split: str, size: int, seed: int, data_files=Non
         raise ValueError(f"size: must be a positive int, got {size!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed: must be a non-negative int, got {seed!r}")
-    about = {"name": name, "split": split, "size": size, "seed": seed, "difficulty": difficulty}
+    if not isinstance(distinct, bool):
+        raise ValueError(f"distinct: must be True or False, got {distinct!r}")
+    about = {"name": name, "split": split, "size": size, "seed": seed, "difficulty": difficulty, "distinct": distinct}
     if isinstance(name, str) and name in MATH_DATASETS:
-        rows, dropped = _math_rows(name, split, size, seed, data_files, difficulty)
+        rows, dropped = _math_rows(name, split, size, seed, data_files, difficulty, distinct)
         about.update(data_files=data_files, dropped_without_gold=dropped)
     elif data_files is not None:
         raise ValueError(f"data_files: only the math data sets {sorted(MATH_DATASETS)} are read from files; "
@@ -543,7 +556,7 @@ def load_task(name: str | dict, split: str, size: int, seed: int, data_files=Non
         rows, dropped = [], {}
         for (task, _, config, charset), count in zip(tasks, _shares([w for _, w, _, _ in tasks], size)):
             if count:
-                items, dropped[task] = _collect(task, config, split, count, seed, charset)
+                items, dropped[task] = _collect(task, config, split, count, seed, charset, distinct)
                 rows += [_row(task, entry, config) for entry in items]
         if len(tasks) > 1:
             random.Random(seed).shuffle(rows)

@@ -194,11 +194,13 @@ def test_sweep_reruns_a_run_whose_base_model_changed_and_keeps_the_old_one(tmp_p
 
     def fake_run(params, folder):  # stands in for papermill: a complete run that started from today's base model
         folder.mkdir(parents=True)
+        (folder / "problems.csv").write_text("problem\n" + "\n".join(ex.held_out_ids(params)) + "\n")
         write_json(folder / "eval.json", {"records": [], "provenance": {"base_model_folder": f"data/{today[0]}"}})
     today = ["tiny-1m-new"]
     monkeypatch.setattr(ex, "run_train_notebook", fake_run)
     monkeypatch.setattr(ex, "current_base_model", lambda spec: today[0] if spec == "tiny-1m-warm" else None)
-    runs = [ex.RunSpec("a", {"model": "tiny-1m-warm"}), ex.RunSpec("b", {"model": "some/folder"})]
+    held_out = {"task": "cpu/chain_sum", "eval_size": 3}
+    runs = [ex.RunSpec("a", {"model": "tiny-1m-warm", **held_out}), ex.RunSpec("b", {"model": "some/folder", **held_out})]
     runs_dir = tmp_path / "runs"
     assert [s["status"] for s in ex.run_sweep(runs, runs_dir, progress=False)] == ["ran", "ran"]
     assert [s["status"] for s in ex.run_sweep(runs, runs_dir, progress=False)] == ["complete", "complete"]
@@ -209,6 +211,33 @@ def test_sweep_reruns_a_run_whose_base_model_changed_and_keeps_the_old_one(tmp_p
     kept = tmp_path / "runs-stale" / "a.tiny-1m-new" / "eval.json"
     assert json.loads(kept.read_text())["provenance"]["base_model_folder"] == "data/tiny-1m-new"  # nothing lost
     assert ex.recorded_base_model(runs_dir / "a") == "tiny-1m-newer"
+
+
+def test_sweep_evaluates_again_a_run_whose_held_out_problems_changed_and_keeps_its_training(tmp_path):
+    """A complete run evaluated on other problems than its parameters give now (here: one id altered, as when the
+    held-out rows became distinct problems) is evaluated again by the next sweep: its training is not redone, its
+    old evaluation is moved aside, and `pending_runs` counts it until then."""
+    import pandas as pd
+    import motg.experiment as ex
+    runs = [ex.RunSpec("a", {**SMOKE, "eval_steps": 0, "analysis_prompts": 0})]
+    runs_dir = tmp_path / "runs"
+    assert [s["status"] for s in ex.run_sweep(runs, runs_dir, progress=False)] == ["ran"]
+    run = runs_dir / "a"
+    assert ex.evaluation_is_current(run, runs[0].params) and ex.pending_runs(runs, runs_dir) == []
+    training = {name: (run / name).read_bytes() for name in ["metrics.jsonl", "train_summary.json",
+                                                             "model/model.safetensors"]}
+    problems = pd.read_csv(run / "problems.csv", dtype={"problem": str})
+    altered = problems.assign(problem=problems["problem"].replace(problems["problem"].iloc[0], "not-held-out-now"))
+    altered.to_csv(run / "problems.csv", index=False)
+    assert not ex.evaluation_is_current(run, runs[0].params) and ex.pending_runs(runs, runs_dir) == runs
+    statuses = ex.run_sweep(runs, runs_dir, progress=False)
+    assert statuses[0]["status"] == "ran" and "held-out problems changed" in statuses[0]["note"]
+    assert ex.evaluation_is_current(run, runs[0].params) and (run / "eval.json").exists()
+    assert all((run / name).read_bytes() == data for name, data in training.items())  # the training is kept
+    kept = tmp_path / "runs-stale" / "a.evaluation"
+    assert "not-held-out-now" in (kept / "problems.csv").read_text() and (kept / "eval.json").exists()
+    assert not (kept / "model").exists() and [s["status"] for s in ex.run_sweep(runs, runs_dir, progress=False)] \
+        == ["complete"]
 
 
 def test_current_base_model_names_the_warm_folder_without_building_it():

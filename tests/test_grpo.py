@@ -415,6 +415,7 @@ def test_resume_refuses_a_checkpoint_holding_a_pickled_object(tmp_path):
         def __reduce__(self):
             return (Path.touch, (marker,))
 
+    (run / "train_summary.json").unlink()  # as if killed after the last checkpoint: resuming loads it
     state_file = run / "checkpoints" / "step-000001" / "state.pt"
     state = torch.load(state_file, weights_only=True)
     torch.save({**state, "note": Trap()}, state_file)
