@@ -12,6 +12,12 @@ including its EOS (or all `--new-tokens`), so both are credited for the same kin
 the mixer's mixture tokens until `</think>` (which the prompts leave open) and answers with ordinary tokens.
 The goal (issue 12) is every mixer at >= 1.5x the reference.
 
+With `--op-profile`, the tool instead profiles the decode step both sides run (the model's forward over one new
+token with a KV cache, batch `--batch`, after a prompt) and writes results/bench/decode_profile_<model>.json: the
+share of each operator in its time, and the bound this puts on any rollout loop that computes the same logits:
+the matrix products with the weights (aten::mm, addmm, bmm) cannot be skipped, so no loop is faster than
+total ÷ their time per step.
+
 Two readings. Tokens/s credits each method with the tokens its rows wrote: for `hard` (the same distribution as
 the reference) that is the user's speed-up; for a mixer it also moves with how long its rows run (a mixture changes
 where EOS comes), so it is not a speed of the loop alone. Milliseconds per decode step (wall time / the longest
@@ -79,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile", action="store_true", help="generate(..., compile=True)")
     parser.add_argument("--mixers", default=",".join(MIXERS), help="comma-separated mixer names")
     parser.add_argument("--out-dir", default=str(ROOT / "results" / "bench"))
+    parser.add_argument("--op-profile", action="store_true",
+                        help="profile the decode step by operator instead (decode_profile_<model>.json)")
     args = parser.parse_args(argv)
     for name in ("batch", "new_tokens", "reps", "threads"):
         if getattr(args, name) < 1:
@@ -94,6 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     ids, mask = tokenize_prompts(tokenizer, prompts)
     n = args.new_tokens
     eos = eos_token_ids(tokenizer, model)
+    if args.op_profile:
+        return profile_decode_step(model, ids, mask, args, argv)
 
     def run_hf(seed: int) -> tuple[int, int]:
         torch.manual_seed(seed)
@@ -150,6 +160,76 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"repetition {rep + 1}/{args.reps} written", flush=True)
     print(render(out_dir))
     return record
+
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")  # the products with the weights: every loop runs them
+
+
+def profile_decode_step(model, ids: torch.Tensor, mask: torch.Tensor, args, argv) -> dict:
+    "Operator shares of `--new-tokens` decode steps of `model` after the prompts; writes decode_profile_<model>.json."
+    from torch.profiler import ProfilerActivity, profile
+    started = time.time()
+
+    def decode(steps: int):
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+            cache, step_mask, token = out.past_key_values, mask, out.logits[:, -1:].argmax(-1)
+            for _ in range(steps):
+                step_mask = torch.cat([step_mask, torch.ones_like(step_mask[:, :1])], 1)
+                out = model(input_ids=token, attention_mask=step_mask, past_key_values=cache, use_cache=True)
+                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    decode(4)  # warm-up
+    t0 = time.perf_counter()
+    decode(0)
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    decode(args.new_tokens)
+    per_step_ms = 1000 * (time.perf_counter() - t0 - prefill_s) / args.new_tokens
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        decode(args.new_tokens)
+    ops = sorted(((e.key, e.self_cpu_time_total) for e in prof.key_averages()), key=lambda x: -x[1])
+    total = sum(t for _, t in ops)
+    shares = {name: t / total for name, t in ops}
+    matmul = sum(shares.get(name, 0.0) for name in MATMULS)
+    record = {"results": {"ms_per_decode_step": per_step_ms, "op_shares": dict(list(shares.items())[:12]),
+                          "matmul_share": matmul, "loop_speedup_bound": 1 / matmul if matmul else None},
+              "provenance": provenance(config={"model": args.model, "batch": args.batch, "steps": args.new_tokens,
+                                               "threads": args.threads},
+                                       seeds={}, wall_time_s=time.time() - started, cpu_model=cpu_model(),
+                                       load_average=os.getloadavg(), torch_version=torch.__version__,
+                                       command="python tools/bench_rollout.py " + " ".join(argv or sys.argv[1:]))}
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / f"decode_profile_{args.model}.json", record)
+    (out_dir / "rollout.md").write_text(render(out_dir))
+    print(render(out_dir))
+    return record
+
+
+def render_profiles(out_dir: Path) -> list[str]:
+    "The decode-step profiles' section of rollout.md."
+    paths = sorted(out_dir.glob("decode_profile_*.json"))
+    if not paths:
+        return []
+    lines = ["## Where a decode step's time goes (`--op-profile`)", "",
+             "The model's forward over one new token with a KV cache, as both `transformers` and motg run it, by "
+             "operator (self CPU time). The products with the weights (aten::mm, addmm, bmm) are work any loop "
+             "computing the same logits must do, so 1 ÷ their share bounds what a faster loop can gain at this "
+             "batch and thread count: only fewer or cheaper steps (rows dropped when they end, a smaller dtype) "
+             "go beyond it.", "",
+             "| model | batch | threads | ms per step | matmul share | loop speed-up bound | top operators | load | command |",
+             "|---|---:|---:|---:|---:|---:|---|---:|---|"]
+    for path in paths:
+        record = json.loads(path.read_text())
+        config, results, prov = record["provenance"]["config"], record["results"], record["provenance"]
+        top = ", ".join(f"{name} {100 * share:.0f}%" for name, share in list(results["op_shares"].items())[:4])
+        bound = results["loop_speedup_bound"]
+        lines.append(f"| {config['model']} | {config['batch']} | {config['threads']} | "
+                     f"{results['ms_per_decode_step']:.1f} | {100 * results['matmul_share']:.0f}% | "
+                     f"{f'{bound:.2f}×' if bound else '–'} | {top} | {prov['load_average'][0]:.1f} | "
+                     f"`{prov['command']}` |")
+    return lines + [""]
 
 
 def summarise(tokens: dict, times: dict, steps: dict, mixer_names: list[str]) -> dict:
@@ -222,7 +302,7 @@ def render(out_dir: Path) -> str:
                          f"{r['paired_ratio_median']:.2f} | {r['best_ratio_vs_transformers']:.2f} | {per_step(r)} | "
                          f"{step_ratio(r, ref)} |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + render_profiles(out_dir))
 
 
 if __name__ == "__main__":
