@@ -611,9 +611,12 @@ def run_sweep(runs: list[RunSpec], runs_dir: Path | str, jobs: int | None = None
             elif evaluation_is_current(folder, run.params):
                 return {"run": run.name, "status": "complete", "seconds": 0.0, "note": note}
             else:  # train.ipynb resumes it: the finished training is kept (motg.grpo.finished_training)
+                from motg.grpo import checkpoint_dirs
+                kept = (folder / "model").is_dir() and bool(checkpoint_dirs(folder))  # neither is committed to git
                 aside = set_aside_evaluation(folder, runs_dir)
-                note = (f"its held-out problems changed: evaluated again, training kept; the old evaluation was moved "
-                        f"to {relative_to_root(aside)}")
+                note = (f"its held-out problems changed: evaluated again, "
+                        f"{'training kept' if kept else 'trained again (its model and checkpoints are not here)'}; "
+                        f"the old evaluation was moved to {relative_to_root(aside)}")
         params = {**run.params, **({"num_threads": threads} if threads else {})}
         device = devices.get()
         try:
