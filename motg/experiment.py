@@ -30,8 +30,8 @@ __all__ = ['DICT_PARAMETERS', 'RUN_CONTROLS', 'EVAL_MODES', 'EVAL_SEED', 'EVALUA
            'override_profile', 'results_name', 'RunFailed', 'run_train_notebook', 'check_evaluation_parameters',
            'check_train_parameters', 'eval_seed', 'held_out_problems', 'held_out_rows', 'evaluation_settings',
            'evaluation_decoding', 'decode_problems', 'analyse_rollouts', 'base_problems', 'evaluate_run', 'finish_run',
-           'recorded_base_model', 'current_base_model', 'set_aside', 'set_aside_evaluation', 'held_out_ids',
-           'evaluation_is_current', 'base_models_now', 'run_is_current', 'pending_runs', 'default_jobs', 'run_sweep',
+           'recorded_base_model', 'current_base_model', 'set_aside', 'base_models_now', 'run_is_current',
+           'set_aside_evaluation', 'held_out_ids', 'evaluation_is_current', 'pending_runs', 'default_jobs', 'run_sweep',
            'collect_runs']
 
 # %% ../nbs/08_experiment.ipynb #4cb533ff
@@ -517,6 +517,20 @@ def set_aside(run_dir: Path, runs_dir: Path, tag: str) -> Path:
     return Path(shutil.move(str(run_dir), str(_stale_folder(run_dir, runs_dir, tag))))
 
 
+def base_models_now(runs: list[RunSpec]) -> dict[str, str | None]:
+    "Each model spec of `runs` and the folder name it resolves to now (`current_base_model`), without building any."
+    return {spec: current_base_model(spec) for spec in {run.params.get("model") for run in runs} - {None}}
+
+
+def run_is_current(run_dir: Path | str, current: str | None) -> bool:
+    "Whether `run_dir` holds a complete run made from the base model whose folder is now `current` (or unrecorded)."
+    if not run_is_complete(run_dir):
+        return False
+    then = recorded_base_model(run_dir)
+    return then is None or current is None or then == current
+
+
+# %% ../nbs/08_experiment.ipynb #65bfde59
 # what train.ipynb's evaluation writes; the training's files (model/, checkpoints/, metrics.jsonl, config.json,
 # train_summary.json) are not among them. train.ipynb is the executed notebook, which also holds the training's output
 EVALUATION_FILES = ("eval.json", "provenance.json", "problems.csv", "samples.jsonl", "entropy.csv", "diversity.csv",
@@ -558,19 +572,7 @@ def evaluation_is_current(run_dir: Path | str, params: dict) -> bool:
     return recorded == held_out_ids(params)
 
 
-def base_models_now(runs: list[RunSpec]) -> dict[str, str | None]:
-    "Each model spec of `runs` and the folder name it resolves to now (`current_base_model`), without building any."
-    return {spec: current_base_model(spec) for spec in {run.params.get("model") for run in runs} - {None}}
-
-
-def run_is_current(run_dir: Path | str, current: str | None) -> bool:
-    "Whether `run_dir` holds a complete run made from the base model whose folder is now `current` (or unrecorded)."
-    if not run_is_complete(run_dir):
-        return False
-    then = recorded_base_model(run_dir)
-    return then is None or current is None or then == current
-
-
+# %% ../nbs/08_experiment.ipynb #4ca8a948
 def pending_runs(runs: list[RunSpec], runs_dir: Path | str) -> list[RunSpec]:
     "The runs a sweep would execute: not complete, complete from a base model changed since, or to evaluate again."
     now = base_models_now(runs)
