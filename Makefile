@@ -1,7 +1,7 @@
 # The two commands of the README:
 #   make test        install what is missing into .venv, then run the whole test suite
 #   make reproduce   install what is missing into .venv, then run the CPU reproduction
-#                    (PROFILE=cpu-full|gpu|paper|..., JOBS=n, SET="key=value ...", RESULTS=dir)
+#                    (PROFILE=cpu-full|gpu|paper|..., JOBS=n, SET="key=value ...", RESULTS=dir, REUSE=0)
 # A second run installs nothing: .venv/.installed is newer than the files that pin the install.
 #
 # Your own environment (conda, or any Python 3.11 you manage) instead of .venv: PY=python on every target, e.g.
@@ -53,7 +53,7 @@ test: $(INSTALLED)
 # SET="model=/models/Qwen2.5-1.5B-Instruct"; results then go to results/<profile>-set-<hash>/ unless RESULTS=dir.
 reproduce: $(INSTALLED)
 	$(PY) tools/reproduce.py --profile $${PROFILE:-cpu} $${JOBS:+--jobs $$JOBS} $(foreach s,$(SET),--set '$(s)') \
-		$${RESULTS:+--results-dir "$$RESULTS"}  # JOBS unset: 2 on CPU, one per GPU
+		$${RESULTS:+--results-dir "$$RESULTS"} $(if $(filter 0,$(REUSE)),--no-reuse)  # JOBS unset: 2 on CPU, one per GPU
 
 # Documentation: the committed notebooks (with their outputs) as HTML pages with an index, in _docs/ (ignored).
 # nbdev_docs needs Quarto; this needs nothing beyond nbconvert.

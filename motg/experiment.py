@@ -31,8 +31,8 @@ __all__ = ['DICT_PARAMETERS', 'RUN_CONTROLS', 'EVAL_MODES', 'EVAL_SEED', 'EVALUA
            'check_train_parameters', 'eval_seed', 'held_out_problems', 'held_out_rows', 'evaluation_settings',
            'evaluation_decoding', 'decode_problems', 'analyse_rollouts', 'base_problems', 'evaluate_run', 'finish_run',
            'recorded_base_model', 'current_base_model', 'set_aside', 'base_models_now', 'run_is_current',
-           'set_aside_evaluation', 'held_out_ids', 'evaluation_is_current', 'pending_runs', 'default_jobs', 'run_sweep',
-           'collect_runs']
+           'set_aside_evaluation', 'held_out_ids', 'evaluation_is_current', 'identical_run', 'pending_runs',
+           'settle_folder', 'default_jobs', 'run_sweep', 'collect_runs']
 
 # %% ../nbs/08_experiment.ipynb #4cb533ff
 def profile_path(name: str) -> Path:
@@ -577,11 +577,52 @@ def evaluation_is_current(run_dir: Path | str, params: dict) -> bool:
 
 
 # %% ../nbs/08_experiment.ipynb #4ca8a948
-def pending_runs(runs: list[RunSpec], runs_dir: Path | str) -> list[RunSpec]:
-    "The runs a sweep would execute: not complete, complete from a base model changed since, or to evaluate again."
+def identical_run(run: RunSpec, runs_dir: Path | str, current: str | None) -> Path | None:
+    """A complete run of `run`'s configuration in another results folder beside this one (`<results>/*/<runs>/`,
+    the same name, the same recorded parameters), current in base model and held-out problems; else None."""
+    runs_dir = Path(runs_dir).resolve()
+    for other in sorted(runs_dir.parent.parent.glob(f"*/{runs_dir.name}/{run.name}")):
+        if other.parent == runs_dir or not run_is_current(other, current):
+            continue
+        recorded = json.loads((other / "eval.json").read_text()).get("provenance", {}).get("notebook_parameters", {})
+        if all(recorded.get(k) == v for k, v in run.params.items()) and evaluation_is_current(other, run.params):
+            return other
+    return None
+
+
+def pending_runs(runs: list[RunSpec], runs_dir: Path | str, reuse: bool = True) -> list[RunSpec]:
+    """The runs a sweep would execute: not complete, complete from a base model changed since, or to evaluate again;
+    with `reuse`, not one a complete identical run in another results folder stands for (`identical_run`)."""
     now = base_models_now(runs)
-    return [run for run in runs if not (run_is_current(Path(runs_dir) / run.name, now.get(run.params.get("model")))
-                                        and evaluation_is_current(Path(runs_dir) / run.name, run.params))]
+    current = lambda run: now.get(run.params.get("model"))
+    return [run for run in runs if not (run_is_current(Path(runs_dir) / run.name, current(run))
+                                        and evaluation_is_current(Path(runs_dir) / run.name, run.params))
+            and not (reuse and not (Path(runs_dir) / run.name).exists()
+                     and identical_run(run, runs_dir, current(run)))]
+
+# %% ../nbs/08_experiment.ipynb #507cbef2
+def settle_folder(run: RunSpec, runs_dir: Path, current: str | None, reuse: bool = True) -> tuple[str | None, str]:
+    """What a sweep does with `run`'s folder before running it: `(status, note)`, where a status ('copied',
+    'complete') means nothing is left to run; else (None, note) after moving aside what is to be redone."""
+    folder = runs_dir / run.name
+    source = identical_run(run, runs_dir, current) if reuse and not folder.exists() else None
+    if source is not None:  # the same configuration, trained and evaluated: its files, with where they came from
+        shutil.copytree(source, folder)
+        return "copied", f"the same run, complete, copied from {relative_to_root(source)}"
+    if not run_is_complete(folder):
+        return None, ""
+    if not run_is_current(folder, current):
+        then = recorded_base_model(folder)
+        aside = set_aside(folder, runs_dir, then)
+        return None, f"base model {then} is now {current}: the old run was moved to {relative_to_root(aside)}"
+    if evaluation_is_current(folder, run.params):
+        return "complete", ""
+    from motg.grpo import checkpoint_dirs  # train.ipynb resumes the run: a finished training is kept
+    kept = (folder / "model").is_dir() and bool(checkpoint_dirs(folder))  # neither is committed to git
+    aside = set_aside_evaluation(folder, runs_dir)
+    return None, (f"its held-out problems changed: evaluated again, "
+                  f"{'training kept' if kept else 'trained again (its model and checkpoints are not here)'}; "
+                  f"the old evaluation was moved to {relative_to_root(aside)}")
 
 # %% ../nbs/08_experiment.ipynb #1c4acd90
 def default_jobs() -> int:
@@ -591,8 +632,10 @@ def default_jobs() -> int:
 
 
 def run_sweep(runs: list[RunSpec], runs_dir: Path | str, jobs: int | None = None, threads: int | None = None,
-              progress: bool = True, gpus: int | None = None) -> list[dict]:
-    "Execute every incomplete run of `runs` into `runs_dir/<name>` (`jobs` in parallel); returns one status per run."
+              progress: bool = True, gpus: int | None = None, reuse: bool = True) -> list[dict]:
+    """Execute every incomplete run of `runs` into `runs_dir/<name>` (`jobs` in parallel); returns one status per run.
+    With `reuse`, a run not started here whose configuration ran to completion in another results folder beside
+    this one is copied from there (`identical_run`) instead of being run again."""
     import queue
     from concurrent.futures import ThreadPoolExecutor
     from tqdm.auto import tqdm
@@ -607,22 +650,10 @@ def run_sweep(runs: list[RunSpec], runs_dir: Path | str, jobs: int | None = None
     now = base_models_now(runs)  # once per spec, before any run starts
 
     def one(run: RunSpec) -> dict:
-        folder, t0, note = runs_dir / run.name, time.time(), ""
-        if run_is_complete(folder):
-            current = now.get(run.params.get("model"))
-            if not run_is_current(folder, current):
-                then = recorded_base_model(folder)
-                aside = set_aside(folder, runs_dir, then)
-                note = f"base model {then} is now {current}: the old run was moved to {relative_to_root(aside)}"
-            elif evaluation_is_current(folder, run.params):
-                return {"run": run.name, "status": "complete", "seconds": 0.0, "note": note}
-            else:  # train.ipynb resumes it: the finished training is kept (motg.grpo.finished_training)
-                from motg.grpo import checkpoint_dirs
-                kept = (folder / "model").is_dir() and bool(checkpoint_dirs(folder))  # neither is committed to git
-                aside = set_aside_evaluation(folder, runs_dir)
-                note = (f"its held-out problems changed: evaluated again, "
-                        f"{'training kept' if kept else 'trained again (its model and checkpoints are not here)'}; "
-                        f"the old evaluation was moved to {relative_to_root(aside)}")
+        folder, t0 = runs_dir / run.name, time.time()
+        status, note = settle_folder(run, runs_dir, now.get(run.params.get("model")), reuse)
+        if status is not None:
+            return {"run": run.name, "status": status, "seconds": time.time() - t0, "note": note}
         params = {**run.params, **({"num_threads": threads} if threads else {})}
         device = devices.get()
         try:

@@ -201,14 +201,14 @@ def test_sweep_reruns_a_run_whose_base_model_changed_and_keeps_the_old_one(tmp_p
     monkeypatch.setattr(ex, "current_base_model", lambda spec: today[0] if spec == "tiny-1m-warm" else None)
     held_out = {"task": "cpu/chain_sum", "eval_size": 3}
     runs = [ex.RunSpec("a", {"model": "tiny-1m-warm", **held_out}), ex.RunSpec("b", {"model": "some/folder", **held_out})]
-    runs_dir = tmp_path / "runs"
+    runs_dir = tmp_path / "results" / "profile" / "runs"  # beside no other results folder: nothing to copy
     assert [s["status"] for s in ex.run_sweep(runs, runs_dir, progress=False)] == ["ran", "ran"]
     assert [s["status"] for s in ex.run_sweep(runs, runs_dir, progress=False)] == ["complete", "complete"]
     today[0] = "tiny-1m-newer"  # the warm-start recipe changed
     statuses = ex.run_sweep(runs, runs_dir, progress=False)
     assert [s["status"] for s in statuses] == ["ran", "complete"]
     assert "tiny-1m-new is now tiny-1m-newer" in statuses[0]["note"]
-    kept = tmp_path / "runs-stale" / "a.tiny-1m-new" / "eval.json"
+    kept = runs_dir.with_name("runs-stale") / "a.tiny-1m-new" / "eval.json"
     assert json.loads(kept.read_text())["provenance"]["base_model_folder"] == "data/tiny-1m-new"  # nothing lost
     assert ex.recorded_base_model(runs_dir / "a") == "tiny-1m-newer"
 
@@ -220,7 +220,7 @@ def test_sweep_evaluates_again_a_run_whose_held_out_problems_changed_and_keeps_i
     import pandas as pd
     import motg.experiment as ex
     runs = [ex.RunSpec("a", {**SMOKE, "eval_steps": 0, "analysis_prompts": 0})]
-    runs_dir = tmp_path / "runs"
+    runs_dir = tmp_path / "results" / "profile" / "runs"  # beside no other results folder: nothing to copy
     assert [s["status"] for s in ex.run_sweep(runs, runs_dir, progress=False)] == ["ran"]
     run = runs_dir / "a"
     assert ex.evaluation_is_current(run, runs[0].params) and ex.pending_runs(runs, runs_dir) == []
@@ -234,10 +234,35 @@ def test_sweep_evaluates_again_a_run_whose_held_out_problems_changed_and_keeps_i
     assert statuses[0]["status"] == "ran" and "held-out problems changed" in statuses[0]["note"]
     assert ex.evaluation_is_current(run, runs[0].params) and (run / "eval.json").exists()
     assert all((run / name).read_bytes() == data for name, data in training.items())  # the training is kept
-    kept = tmp_path / "runs-stale" / "a.evaluation"
+    kept = runs_dir.with_name("runs-stale") / "a.evaluation"
     assert "not-held-out-now" in (kept / "problems.csv").read_text() and (kept / "eval.json").exists()
     assert not (kept / "model").exists() and [s["status"] for s in ex.run_sweep(runs, runs_dir, progress=False)] \
         == ["complete"]
+
+
+def test_sweep_copies_a_run_completed_in_another_results_folder(tmp_path, monkeypatch):
+    """A run of the same configuration (name and recorded parameters) complete in a results folder beside this one
+    is copied, not run again; `reuse=False` runs it; another configuration under the same name is never copied."""
+    import motg.experiment as ex
+    from motg.runs import write_json
+    calls = []
+
+    def fake_run(params, folder):  # stands in for papermill: a complete run that records its parameters
+        calls.append(folder)
+        folder.mkdir(parents=True)
+        (folder / "problems.csv").write_text("problem\n" + "\n".join(ex.held_out_ids(params)) + "\n")
+        write_json(folder / "eval.json", {"records": [], "provenance": {"notebook_parameters": params}})
+    monkeypatch.setattr(ex, "run_train_notebook", fake_run)
+    monkeypatch.setattr(ex, "current_base_model", lambda spec: None)
+    run = ex.RunSpec("a", {"model": "tiny-test", "task": "cpu/chain_sum", "eval_size": 3, "seed": 0})
+    first, second, third = (tmp_path / "results" / name / "runs" for name in ["one", "two", "three"])
+    assert [s["status"] for s in ex.run_sweep([run], first, progress=False)] == ["ran"]
+    assert ex.pending_runs([run], second) == [] and ex.pending_runs([run], second, reuse=False) == [run]
+    statuses = ex.run_sweep([run], second, progress=False)
+    assert statuses[0]["status"] == "copied" and "one/runs/a" in statuses[0]["note"] and len(calls) == 1
+    assert (second / "a" / "eval.json").read_text() == (first / "a" / "eval.json").read_text()
+    assert ex.identical_run(ex.RunSpec("a", {**run.params, "seed": 1}), third, None) is None  # other parameters
+    assert [s["status"] for s in ex.run_sweep([run], third, progress=False, reuse=False)] == ["ran"] and len(calls) == 2
 
 
 def test_current_base_model_names_the_warm_folder_without_building_it():

@@ -28,6 +28,9 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="a parameter that wins over the profile (repeatable), e.g. model=/models/qwen seed=0")
     parser.add_argument("--results-dir", default=None, help="where results go (default: results/<profile>)")
+    parser.add_argument("--no-reuse", action="store_true",
+                        help="run every run here, even one whose configuration completed in another results folder "
+                             "beside this one (default: such a run is copied)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from motg.experiment import load_profile, override_profile, parse_override, results_name
@@ -51,7 +54,8 @@ def main() -> int:
     started = time.time()
     pm.execute_notebook(str(ROOT / "nbs" / "reproduce.ipynb"), str(out / "reproduce.ipynb"),
                         parameters={"profile": args.profile, "jobs": args.jobs, "threads": args.threads,
-                                    "overrides": overrides, "results_dir": str(out) if args.results_dir else None},
+                                    "overrides": overrides, "results_dir": str(out) if args.results_dir else None,
+                                    "reuse": not args.no_reuse},
                         cwd=str(ROOT / "nbs"), progress_bar=False, log_output=True)
     print(f"reproduce --profile {args.profile}: done in {time.time() - started:.0f} s; see {out / 'manifest.json'}")
     return 0
