@@ -31,8 +31,8 @@ __all__ = ['DICT_PARAMETERS', 'RUN_CONTROLS', 'EVAL_MODES', 'EVAL_SEED', 'EVALUA
            'check_train_parameters', 'eval_seed', 'held_out_problems', 'held_out_rows', 'evaluation_settings',
            'evaluation_decoding', 'decode_problems', 'analyse_rollouts', 'base_problems', 'evaluate_run', 'finish_run',
            'recorded_base_model', 'current_base_model', 'set_aside', 'base_models_now', 'run_is_current',
-           'set_aside_evaluation', 'held_out_ids', 'evaluation_is_current', 'identical_run', 'pending_runs',
-           'settle_folder', 'default_jobs', 'run_sweep', 'collect_runs']
+           'set_aside_evaluation', 'held_out_ids', 'evaluation_is_current', 'identical_run', 'folder_state',
+           'pending_runs', 'settle_folder', 'default_jobs', 'run_sweep', 'collect_runs']
 
 # %% ../nbs/08_experiment.ipynb #4cb533ff
 def profile_path(name: str) -> Path:
@@ -590,34 +590,46 @@ def identical_run(run: RunSpec, runs_dir: Path | str, current: str | None) -> Pa
     return None
 
 
+def folder_state(run: RunSpec, runs_dir: Path | str, current: str | None,
+                 reuse: bool = True) -> tuple[str, Path | None]:
+    """What a sweep will do with `run`'s folder, without doing it: `('copy', source)` (`identical_run`, with `reuse`),
+    or with None 'run' (not complete), 'rerun' (its base model changed), 'evaluate' (its held-out problems changed),
+    'complete'."""
+    folder = Path(runs_dir) / run.name
+    if reuse and not folder.exists() and (source := identical_run(run, runs_dir, current)) is not None:
+        return "copy", source
+    if not run_is_complete(folder):
+        return "run", None
+    if not run_is_current(folder, current):
+        return "rerun", None
+    return ("complete" if evaluation_is_current(folder, run.params) else "evaluate"), None
+
+
 def pending_runs(runs: list[RunSpec], runs_dir: Path | str, reuse: bool = True) -> list[RunSpec]:
-    """The runs a sweep would execute: not complete, complete from a base model changed since, or to evaluate again;
-    with `reuse`, not one a complete identical run in another results folder stands for (`identical_run`)."""
+    """The runs a sweep would execute (`folder_state`): not complete, complete from a base model changed since, or to
+    evaluate again; with `reuse`, not one a complete identical run in another results folder stands for."""
     now = base_models_now(runs)
-    current = lambda run: now.get(run.params.get("model"))
-    return [run for run in runs if not (run_is_current(Path(runs_dir) / run.name, current(run))
-                                        and evaluation_is_current(Path(runs_dir) / run.name, run.params))
-            and not (reuse and not (Path(runs_dir) / run.name).exists()
-                     and identical_run(run, runs_dir, current(run)))]
+    return [run for run in runs
+            if folder_state(run, runs_dir, now.get(run.params.get("model")), reuse)[0] not in ("copy", "complete")]
 
 # %% ../nbs/08_experiment.ipynb #507cbef2
 def settle_folder(run: RunSpec, runs_dir: Path, current: str | None, reuse: bool = True) -> tuple[str | None, str]:
     """What a sweep does with `run`'s folder before running it: `(status, note)`, where a status ('copied',
     'complete') means nothing is left to run; else (None, note) after moving aside what is to be redone."""
     folder = runs_dir / run.name
-    source = identical_run(run, runs_dir, current) if reuse and not folder.exists() else None
-    if source is not None:  # the same configuration, trained and evaluated: its files, with where they came from
+    state, source = folder_state(run, runs_dir, current, reuse)
+    if state == "copy":  # the same configuration, trained and evaluated: its files, with where they came from
         shutil.copytree(source, folder)
         return "copied", f"the same run, complete, copied from {relative_to_root(source)}"
-    if not run_is_complete(folder):
+    if state == "complete":
+        return "complete", ""
+    if state == "run":
         return None, ""
-    if not run_is_current(folder, current):
+    if state == "rerun":
         then = recorded_base_model(folder)
         aside = set_aside(folder, runs_dir, then)
         return None, f"base model {then} is now {current}: the old run was moved to {relative_to_root(aside)}"
-    if evaluation_is_current(folder, run.params):
-        return "complete", ""
-    from motg.grpo import checkpoint_dirs  # train.ipynb resumes the run: a finished training is kept
+    from motg.grpo import checkpoint_dirs  # 'evaluate': train.ipynb resumes the run, a finished training is kept
     kept = (folder / "model").is_dir() and bool(checkpoint_dirs(folder))  # neither is committed to git
     aside = set_aside_evaluation(folder, runs_dir)
     return None, (f"its held-out problems changed: evaluated again, "
